@@ -1,0 +1,60 @@
+"""The algorithm interface: a round of work described as independent client tasks.
+
+An algorithm never touches the model: it hands :class:`ClientTask` s to the engine's ``run_tasks``
+and combines the returned states. The engine decides how tasks run (sequentially on one resident
+model, in worker processes, ...); results must not depend on that choice.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import Config
+from ..types import AdapterState, RoundResult, TaskRunner
+
+
+@dataclass
+class Context:
+    cfg: Config
+    run_tasks: TaskRunner
+    initial_state: AdapterState  # same A (seeded), B = 0, fresh head: the round-0 global adapter
+    client_sizes: list[int]  # local data set sizes (pooled algorithms see one entry)
+    adapter_params: int
+
+
+class Algorithm(ABC):
+    """Base class; subclasses register under ``name`` in ``colora.algorithms.ALGORITHMS``."""
+
+    name = ""
+    pooled_data = False  # True: the engine trains on all data as one stream (central)
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+
+    @abstractmethod
+    def run_round(self, rnd: int) -> RoundResult:
+        """Run round ``rnd`` (1-based) and report its loss, bytes and simulated time."""
+
+    @abstractmethod
+    def global_state(self) -> AdapterState:
+        """The adapter to evaluate and export after the current round."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Everything needed to resume after the current round."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+def sample_clients(seed: int, rnd: int, num: int, per_round: int) -> list[int]:
+    """The clients sampled in round ``rnd``: a pure function of (seed, round), sorted."""
+    if per_round >= num:
+        return list(range(num))
+    rng = np.random.default_rng([seed, 0x5A3, rnd])
+    return sorted(int(k) for k in rng.choice(num, size=per_round, replace=False))

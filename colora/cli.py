@@ -1,0 +1,120 @@
+"""The ``colora`` command line: run, resume, report, compare (CONTRACT.md)."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+import sys
+from pathlib import Path
+
+from .config import ColoraError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="colora", description="Collaborative LoRA fine-tuning: central, federated, split, decentralized.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one experiment from a YAML config", description="Run one experiment. Writes config.yaml, metrics.jsonl, summary.json and adapter/ to the run directory.")
+    run.add_argument("config", nargs="?", help="experiment config (YAML)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a dotted config key, e.g. --set train.lr=1e-3 (repeatable)")
+    run.add_argument("--out", help="run directory (default runs/<config name>-<timestamp>)")
+    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last completed round")
+    rep = sub.add_parser("report", help="plots and an HTML page comparing run directories")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", required=True, metavar="REPORT_DIR")
+    rep.add_argument("--target", metavar="METRIC=VALUE", help="time-to-target column, e.g. eval/accuracy=0.8")
+    cmp = sub.add_parser("compare", help="run a sweep of configs with shared seeds and report them",
+                         description="Run every config of a sweep file (base + set + runs x grid), then write plots, "
+                                     "an HTML page, summary.csv and a time-to-target table to --out.")
+    cmp.add_argument("sweep", metavar="SWEEP.yaml")
+    cmp.add_argument("--out", required=True, metavar="DIR")
+    cmp.add_argument("--target", metavar="METRIC=VALUE", help="e.g. eval/accuracy=0.8")
+    return p
+
+
+def _run(args) -> int:
+    from .engines import run_experiment
+    from .rundir import read_config
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ColoraError("--resume DIR takes no config file or --set: the run directory's config.yaml is used")
+        run_dir = Path(args.resume)
+        cfg = read_config(run_dir)
+        run_experiment(cfg, resume=run_dir)
+    else:
+        if not args.config:
+            raise ColoraError("colora run needs a CONFIG.yaml (or --resume DIR)")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = run_experiment(cfg, out=args.out)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import parse_target, write_report
+
+    target = parse_target(args.target) if args.target else None
+    html = write_report([Path(r) for r in args.runs], Path(args.out), target=target)
+    print(f"report: {html}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import format_table, load_sweep
+    from .engines import run_experiment
+    from .report import load_run, main_metric, parse_target, time_to_target, write_report
+
+    target = parse_target(args.target) if args.target else None
+    runs = load_sweep(args.sweep)  # every config validated before the first run
+    out = Path(args.out)
+    dirs = []
+    for i, (name, cfg) in enumerate(runs):
+        run_dir = out / f"{i}-{name}"
+        if (run_dir / "summary.json").is_file():
+            print(f"[{i + 1}/{len(runs)}] {name}: already complete, kept")
+        else:
+            print(f"[{i + 1}/{len(runs)}] {name}")
+            if (run_dir / "checkpoint").is_dir():
+                run_experiment(cfg, resume=run_dir)
+            else:
+                run_experiment(cfg, out=str(run_dir))
+        dirs.append(run_dir)
+    html = write_report(dirs, out, target=target)
+    loaded = [load_run(d) for d in dirs]
+    metric = main_metric(loaded)
+    rows = []
+    for run in loaded:
+        s = run.summary
+        row = {"run": run.dir.name, metric: f"{s['final'].get(metric, float('nan')):.4f}",
+               "best": f"{s['best'].get(metric, float('nan')):.4f}",
+               "MB up": f"{s['bytes_up'] / 1e6:.2f}", "MB down": f"{s['bytes_down'] / 1e6:.2f}",
+               "sim time s": f"{s['sim_time_s']:.1f}", "wall s": f"{s['wall_time_s']:.1f}"}
+        if target:
+            hit = time_to_target(run, *target)["sim_time_s"]
+            row[f"sim s to {target[1]:g}"] = "not reached" if hit is None else f"{hit:.1f}"
+        rows.append(row)
+    print(format_table(rows))
+    print(f"report: {html}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``colora`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    # peft calls a transformers API that transformers deprecates: noise for users, not actionable.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        return {"run": _run, "report": _report, "compare": _compare}[args.command](args)
+    except ColoraError as exc:
+        print(f"colora: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("colora: interrupted; completed rounds are checkpointed (colora run --resume DIR continues)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

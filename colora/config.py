@@ -1,0 +1,250 @@
+"""Typed, validated experiment configuration.
+
+The YAML file is parsed at the edge into pydantic models with ``extra="forbid"``, so an unknown
+key, a wrong type or an impossible value stops the run before any work is done, with a one-line
+message naming the dotted key and the offending value (see CONTRACT.md).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ColoraError(Exception):
+    """A user-facing error: bad config, bad input, or a run that cannot go on.
+
+    The CLI prints ``colora: error: <message>`` (one line, no traceback) and exits with code 2.
+    """
+
+
+class ConfigError(ColoraError):
+    """The configuration names an unknown key or holds a wrong or impossible value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # null = the model family's default (BERT: query, value; GPT-2: c_attn; LLaMA: q_proj, v_proj).
+    target_modules: list[str] | None = None
+
+
+class ModelConfig(_Strict):
+    name: str = "minilm-l6"
+    task: Literal["seq-cls", "causal-lm"] = "seq-cls"
+    lora: LoraConfig = LoraConfig()
+
+
+class DataConfig(_Strict):
+    name: str = "synthetic"
+    path: str | None = None
+    max_length: int = Field(128, gt=0)
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    synthetic_train: int = Field(2000, gt=0)
+    synthetic_eval: int = Field(500, gt=0)
+    max_train: int | None = Field(None, gt=0)
+    max_eval: int | None = Field(None, gt=0)
+
+
+class ClientsConfig(_Strict):
+    num: int = Field(10, gt=0)
+    per_round: int = Field(10, gt=0)
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, gt=0)
+
+
+class TrainConfig(_Strict):
+    local_steps: int = Field(10, gt=0)
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    lr: float = Field(5.0e-4, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_rounds: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+    prox_mu: float = Field(0.0, ge=0)
+
+
+class FederationConfig(_Strict):
+    aggregator: Literal["fedit", "zero_pad", "svd", "stack", "product", "hlora"] = "fedit"
+    server_optimizer: Literal["none", "fedavgm", "fedadam", "fedyogi"] = "none"
+    server_lr: float = Field(1.0, gt=0)
+    server_momentum: float = Field(0.9, ge=0, lt=1)
+    server_beta2: float = Field(0.99, ge=0, lt=1)
+    server_tau: float = Field(1.0e-3, gt=0)
+    weighting: Literal["samples", "uniform"] = "samples"
+    ranks: list[int] | None = None
+    rank_rule: Literal["uniform", "data_size", "resource"] = "uniform"
+    rank_set: list[int] = [2, 4, 8]
+
+    @model_validator(mode="after")
+    def _ranks_positive(self) -> "FederationConfig":
+        for key in ("ranks", "rank_set"):
+            for r in getattr(self, key) or []:
+                if r <= 0:
+                    raise ValueError(f"federation.{key} holds rank {r}; every LoRA rank must be > 0")
+        return self
+
+
+class SplitConfig(_Strict):
+    layer: int = Field(3, gt=0)
+    server: Literal["shared", "per_client"] = "shared"
+    aggregate_every: int = Field(10, gt=0)
+    u_shaped: bool = False
+    activation_dtype: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
+
+
+class GossipConfig(_Strict):
+    topology: str = "ring"
+    p: float = Field(0.3, ge=0, le=1)
+    mixing: Literal["metropolis", "laplacian", "uniform"] = "metropolis"
+    quantize_bits: Literal[0, 4, 8] = 0
+    topk: float = Field(0.0, ge=0, le=1)
+    gamma: float = Field(1.0, gt=0, le=1)
+    time_varying: bool = False
+    eval_clients: bool = False
+
+
+class DeviceProfile(_Strict):
+    """One device class of the cost model: compute speed, links, memory."""
+
+    flops: float = Field(gt=0)  # sustained FLOP/s on training work
+    up_mbps: float = Field(gt=0)  # uplink, megabit/s
+    down_mbps: float = Field(gt=0)  # downlink, megabit/s
+    latency_s: float = Field(ge=0)  # one-way latency per message
+    memory_gb: float = Field(gt=0)
+
+
+class SystemConfig(_Strict):
+    preset: str | None = None
+    enforce_memory: bool = False
+    # Defaults: a laptop-class client on a home link, a single data-centre GPU server.
+    client: DeviceProfile = DeviceProfile(flops=1.0e12, up_mbps=20, down_mbps=100, latency_s=0.05, memory_gb=8)
+    server: DeviceProfile = DeviceProfile(flops=1.0e14, up_mbps=10_000, down_mbps=10_000, latency_s=0.001, memory_gb=80)
+
+
+class LogConfig(_Strict):
+    tensorboard: bool = False
+    progress: bool = True
+
+
+class EvalConfig(_Strict):
+    every: int = Field(1, gt=0)
+
+
+class Config(_Strict):
+    """The whole experiment. Field names and defaults follow CONTRACT.md."""
+
+    name: str | None = None
+    seed: int = 0
+    algorithm: Literal["central", "fedavg", "sl", "splitlora", "declora"] = "fedavg"
+    engine: Literal["inprocess"] = "inprocess"
+    rounds: int = Field(20, gt=0)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    clients: ClientsConfig = ClientsConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    split: SplitConfig = SplitConfig()
+    gossip: GossipConfig = GossipConfig()
+    system: SystemConfig = SystemConfig()
+    log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.clients.per_round > self.clients.num:
+            raise ValueError(
+                f"clients.per_round={self.clients.per_round} exceeds clients.num={self.clients.num}"
+            )
+        if self.federation.ranks is not None and len(self.federation.ranks) != self.clients.num:
+            raise ValueError(
+                f"federation.ranks has {len(self.federation.ranks)} entries but clients.num={self.clients.num}"
+            )
+        return self
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{loc}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    if not loc:  # a cross-field check already names its keys
+        return msg
+    return f"{loc}={first.get('input')!r}: {msg}"
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value`` and parse the value as a YAML scalar or list."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got '{text}'")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value '{value}' ({exc.__class__.__name__})") from None
+
+
+def build_config(raw: dict | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Validate a raw mapping (plus dotted overrides) into a :class:`Config`."""
+    raw = copy.deepcopy(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError("the config file must hold a mapping of keys at its top level")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    if cfg.data.path is not None:
+        path = Path(cfg.data.path).expanduser()
+        if not path.exists():
+            raise ConfigError(f"data.path={cfg.data.path!r}: no such file or folder")
+        cfg.data.path = str(path.resolve())
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file and apply ``--set`` style overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    parsed = dict(parse_override(o) for o in overrides or [])
+    cfg = build_config(raw, parsed)
+    if cfg.name is None:
+        cfg.name = path.stem
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The fully resolved config as YAML (what ``config.yaml`` in a run directory holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

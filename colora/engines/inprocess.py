@@ -1,0 +1,151 @@
+"""The in-process engine: the reference implementation every other engine must match.
+
+ONE resident copy of the frozen base model (with LoRA attached once). Clients are simulated by
+copying their adapter state into the live LoRA tensors, training, and copying out: memory per
+simulated client is its index list and step counter, plus an adapter state while it is in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import rundir
+from ..adapters import AdapterSlots, attach_lora, export_adapter
+from ..algorithms import Context, get_algorithm
+from ..config import ColoraError, Config
+from ..data import label_histogram, load_task, partition
+from ..models import load_base_model, load_tokenizer
+from ..train import LocalTrainer, encode, evaluate
+
+
+class InProcessEngine:
+    """Builds task, model, partitions and algorithm for ``cfg``, and evaluates adapter states."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        d = cfg.data
+        self.task = load_task(
+            d.name, d.path, task_kind=cfg.model.task, seed=cfg.seed, text_column=d.text_column,
+            text_pair_column=d.text_pair_column, label_column=d.label_column,
+            synthetic_train=d.synthetic_train, synthetic_eval=d.synthetic_eval, max_train=d.max_train,
+        )
+        if self.task.kind != cfg.model.task:
+            raise ColoraError(f"data.name={d.name!r} is a {self.task.kind} task but model.task={cfg.model.task!r}")
+        tokenizer = load_tokenizer(cfg.model)
+        base = load_base_model(cfg.model, self.task.num_labels, tokenizer, seed=cfg.seed)
+        self.model = attach_lora(base, cfg.model, seed=cfg.seed)
+        self.slots = AdapterSlots(self.model)
+        train = encode(self.task.train, self.task, tokenizer, d.max_length)
+        self.eval_data = encode(self.task.eval, self.task, tokenizer, d.max_length)
+        if d.max_eval is not None:
+            self.eval_data = self.eval_data.take(d.max_eval)
+        self.parts = self._partition(len(train))
+        algo_cls = get_algorithm(cfg.algorithm)
+        train_parts = [np.arange(len(train))] if algo_cls.pooled_data else self.parts
+        self.trainer = LocalTrainer(self.model, self.slots, train, train_parts, cfg.train, cfg.seed)
+        ctx = Context(cfg, self.trainer, self.slots.get(), [len(p) for p in train_parts], self.slots.num_params())
+        self.algorithm = algo_cls(ctx)
+
+    def _partition(self, n: int) -> list[np.ndarray]:
+        c = self.cfg.clients
+        labels = self.task.train.labels
+        if labels is None:
+            if c.partition != "iid":
+                raise ColoraError(f"clients.partition={c.partition} needs labels; {self.cfg.data.name} has none (use iid)")
+            labels = [0] * n
+        return partition(labels, c.num, c.partition, alpha=c.alpha, shards_per_client=c.shards_per_client,
+                         seed=self.cfg.seed, num_labels=self.task.num_labels or 1)
+
+    def partition_report(self) -> dict:
+        """Per-client sizes and label histograms (saved as partition.json, printed at start)."""
+        labels = self.task.train.labels
+        info = {"scheme": self.cfg.clients.partition, "sizes": [len(p) for p in self.parts]}
+        if labels is not None:
+            info["label_names"] = self.task.label_names
+            info["histogram"] = label_histogram(labels, self.parts, self.task.num_labels).tolist()
+        return info
+
+    @property
+    def main_metric(self) -> str:
+        if self.task.metric_names:
+            return f"eval/{self.task.metric_names[0]}"
+        return "eval/perplexity" if self.task.kind == "causal-lm" else "eval/loss"
+
+    def evaluate(self, state) -> dict[str, float]:
+        self.slots.load(state)
+        return evaluate(self.model, self.eval_data, self.task, self.cfg.train.eval_batch_size)
+
+    def export(self, state, out_dir: Path) -> None:
+        export_adapter(self.model, self.slots, state, out_dir)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": {k: o.state_dict() for k, o in self.trainer.persistent.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.pending_optimizer_states = dict(state["optimizers"])
+
+
+def _log_line(row: dict, rounds: int) -> str:
+    parts = [f"round {row['round']}/{rounds}"]
+    if row.get("train_loss") is not None:
+        parts.append(f"train_loss {row['train_loss']:.4f}")
+    parts += [f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval/")]
+    parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB down {row['bytes_down'] / 1e6:.2f} MB")
+    parts.append(f"sim {row['sim_time_s']:.1f} s")
+    return " | ".join(parts)
+
+
+def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = None, stop_after: int | None = None) -> Path:
+    """Run (or resume) one experiment; returns its run directory.
+
+    ``stop_after`` ends the process's work after that round, as an interruption would (the run
+    directory then resumes with ``colora run --resume``).
+    """
+    run_dir = resume if resume is not None else rundir.new_run_dir(cfg, out)
+    engine = InProcessEngine(cfg)
+    algo, counters = engine.algorithm, {"bytes_up": 0, "bytes_down": 0, "sim_time_s": 0.0, "wall_time_s": 0.0}
+    losses: list[float] = []  # train losses since the last eval row
+    if resume is not None:
+        ckpt = rundir.load_checkpoint(run_dir)
+        algo.load_state_dict(ckpt["algorithm"])
+        engine.load_state_dict(ckpt["engine"])
+        counters, losses, start = ckpt["counters"], ckpt["losses"], ckpt["round"]
+        rows = rundir.truncate_metrics(run_dir, start)
+    else:
+        rundir.write_config(run_dir, cfg)
+        info = engine.partition_report()
+        rundir.write_json(run_dir, "partition.json", info)
+        tqdm.write(f"colora: {cfg.algorithm} on {cfg.data.name}, {cfg.clients.num} clients, sizes {info['sizes']}")
+        start, rows = 0, [{"round": 0, **counters, "train_loss": None, **engine.evaluate(algo.global_state())}]
+        rundir.append_metrics(run_dir, rows[0])
+    began = time.perf_counter() - counters["wall_time_s"]
+    bar = tqdm(range(start + 1, cfg.rounds + 1), initial=start, total=cfg.rounds, desc=cfg.algorithm,
+               unit="round", disable=not cfg.log.progress)
+    for rnd in bar:
+        res = algo.run_round(rnd)
+        counters["bytes_up"] += res.bytes_up
+        counters["bytes_down"] += res.bytes_down
+        counters["sim_time_s"] += res.sim_time_s
+        counters["wall_time_s"] = time.perf_counter() - began
+        losses.append(res.train_loss)
+        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+            row = {"round": rnd, **counters, "train_loss": float(np.mean(losses)),
+                   **engine.evaluate(algo.global_state()), **res.extra}
+            rows.append(row)
+            rundir.append_metrics(run_dir, row)
+            losses = []
+            bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in row.items() if k.startswith("eval/")})
+            tqdm.write(_log_line(row, cfg.rounds))
+        rundir.save_checkpoint(run_dir, {"round": rnd, "algorithm": algo.state_dict(), "engine": engine.state_dict(),
+                                         "counters": counters, "losses": losses})
+        if stop_after is not None and rnd >= stop_after and rnd < cfg.rounds:
+            bar.close()
+            return run_dir
+    bar.close()
+    engine.export(algo.global_state(), run_dir / "adapter")
+    rundir.write_json(run_dir, "summary.json", rundir.summarize(cfg, rows, engine.main_metric, counters))
+    return run_dir

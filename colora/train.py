@@ -1,0 +1,224 @@
+"""Tokenized data, the per-client batch stream, the local training loop and evaluation.
+
+Everything here runs on ONE resident model: a client's adapter state is copied into the live LoRA
+tensors (``AdapterSlots.load``), trained in place, and copied out again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .adapters import AdapterSlots
+from .config import ColoraError, TrainConfig
+from .data import Task, TextDataset
+from .types import ClientResult, ClientTask
+
+_PAD_MULTIPLE = 8  # pad batches to a multiple of 8 tokens: fewer distinct shapes to FLOP-count
+
+
+@dataclass
+class Encoded:
+    """A tokenized split, unpadded; ``collate`` pads a batch to its longest row."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: np.ndarray | None  # seq-cls targets (int64 classes or float32 regression)
+    lm_labels: list[list[int]] | None  # causal-lm targets per token, -100 where not scored
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def take(self, n: int) -> "Encoded":
+        """The first ``n`` rows (e.g. a capped eval set)."""
+        cut = lambda xs: None if xs is None else xs[:n]  # noqa: E731
+        return Encoded(self.input_ids[:n], cut(self.token_type_ids), cut(self.labels), cut(self.lm_labels), self.pad_id)
+
+    def collate(self, idx) -> dict[str, torch.Tensor]:
+        rows = [self.input_ids[i] for i in idx]
+        width = -(-max(len(r) for r in rows) // _PAD_MULTIPLE) * _PAD_MULTIPLE
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r)
+            mask[j, : len(r)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.token_type_ids is not None:
+            tt = torch.zeros_like(ids)
+            for j, i in enumerate(idx):
+                tt[j, : len(self.token_type_ids[i])] = torch.tensor(self.token_type_ids[i])
+            batch["token_type_ids"] = tt
+        if self.labels is not None:
+            batch["labels"] = torch.as_tensor(self.labels[np.asarray(idx)])
+        if self.lm_labels is not None:
+            lab = torch.full((len(rows), width), -100, dtype=torch.long)
+            for j, i in enumerate(idx):
+                lab[j, : len(self.lm_labels[i])] = torch.tensor(self.lm_labels[i])
+            batch["labels"] = lab
+        return batch
+
+
+def encode(split: TextDataset, task: Task, tokenizer, max_length: int) -> Encoded:
+    """Tokenize a split once; clients later index into it (no per-client copies of the data)."""
+    if task.kind == "seq-cls":
+        enc = tokenizer(split.text_a, split.text_b, truncation=True, max_length=max_length)
+        labels = np.asarray(split.labels, dtype=np.float32 if task.num_labels == 1 else np.int64)
+        return Encoded(enc["input_ids"], enc.get("token_type_ids"), labels, None, tokenizer.pad_token_id)
+    ids, lm = [], []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for i, a in enumerate(split.text_a):
+        if split.text_b is None:  # plain language modelling on the whole text
+            prompt, target = [], tokenizer(a)["input_ids"] + eos
+        else:  # data-to-text: the loss scores only the target, as in E2E fine-tuning
+            prompt = tokenizer(a + " ||")["input_ids"]
+            target = tokenizer(" " + split.text_b[i], add_special_tokens=False)["input_ids"] + eos
+        row = (prompt + target)[:max_length]
+        ids.append(row)
+        lm.append(([-100] * len(prompt) + target)[:max_length])
+    return Encoded(ids, None, None, lm, tokenizer.pad_token_id)
+
+
+@lru_cache(maxsize=4096)
+def _permutation(seed: int, stream: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, stream, epoch]).permutation(n)
+
+
+def batch_indices(indices: np.ndarray, batch_size: int, step: int, seed: int, stream: int) -> np.ndarray:
+    """The ``step``-th batch of a client's data: a pure function of (seed, client, step).
+
+    Each epoch is a fresh seeded permutation; a batch that crosses an epoch boundary continues into
+    the next one. Being stateless, it makes resume exact and gives common random numbers: client k's
+    j-th step sees the same examples under every algorithm.
+    """
+    n = len(indices)
+    out: list[np.ndarray] = []
+    pos, need = step * batch_size, batch_size
+    while need:
+        epoch, off = divmod(pos, n)
+        take = min(need, n - off)
+        out.append(_permutation(seed, stream, epoch, n)[off : off + take])
+        pos, need = pos + take, need - take
+    return indices[np.concatenate(out)]
+
+
+def _torch_seed(seed: int, client: int, step: int) -> int:
+    # Dropout noise depends only on (seed, client, step), like the batches.
+    return (seed * 1_000_003 + client * 7_919 + step) % (2**63)
+
+
+class LocalTrainer:
+    """Runs :class:`ClientTask` s on one resident model: the local loop of every algorithm."""
+
+    def __init__(self, model, slots: AdapterSlots, data: Encoded, parts: list[np.ndarray], cfg: TrainConfig, seed: int):
+        self.model, self.slots, self.data, self.parts = model, slots, data, parts
+        self.cfg, self.seed = cfg, seed
+        self.persistent: dict[int, torch.optim.Optimizer] = {}  # central keeps its moments
+        self.pending_optimizer_states: dict[int, dict] = {}  # restored on first use after a resume
+        self._flops_by_shape: dict[tuple, float] = {}
+
+    def _optimizer(self, task: ClientTask) -> torch.optim.Optimizer:
+        if task.keep_optimizer and task.client_id in self.persistent:
+            opt = self.persistent[task.client_id]
+        else:
+            params = list(self.slots.params.values())
+            if self.cfg.optimizer == "adamw":
+                opt = torch.optim.AdamW(params, lr=task.lr, weight_decay=self.cfg.weight_decay)
+            else:
+                opt = torch.optim.SGD(params, lr=task.lr, weight_decay=self.cfg.weight_decay)
+            if task.keep_optimizer:
+                self.persistent[task.client_id] = opt
+                if task.client_id in self.pending_optimizer_states:
+                    opt.load_state_dict(self.pending_optimizer_states.pop(task.client_id))
+        for group in opt.param_groups:
+            group["lr"] = task.lr
+        return opt
+
+    def __call__(self, tasks: list[ClientTask]) -> list[ClientResult]:
+        return [self.run(t) for t in tasks]
+
+    def run(self, task: ClientTask) -> ClientResult:
+        """Load the task's state, take its local steps, return the trained state."""
+        self.slots.load(task.state)
+        opt = self._optimizer(task)
+        self.model.train()
+        torch.manual_seed(_torch_seed(self.seed, task.client_id, task.start_step))
+        losses, flops = [], 0.0
+        for step in range(task.start_step, task.start_step + task.steps):
+            idx = batch_indices(self.parts[task.client_id], self.cfg.batch_size, step, self.seed, task.client_id)
+            loss, f = self._step(self.data.collate(idx), opt, task.prox_anchor)
+            losses.append(loss)
+            flops += f
+        state = self.slots.get()
+        if not all(math.isfinite(v) for v in losses) or any(not torch.isfinite(t).all() for t in state.values()):
+            raise ColoraError(
+                f"client {task.client_id} produced a non-finite update (train.lr={task.lr:g} may be too high)"
+            )
+        return ClientResult(task.client_id, state, len(self.parts[task.client_id]), float(np.mean(losses)), flops, task.steps)
+
+    def _step(self, batch, opt, anchor) -> tuple[float, float]:
+        shape = tuple(batch["input_ids"].shape)
+        counter = FlopCounterMode(display=False) if shape not in self._flops_by_shape else None
+        if counter is not None:
+            with counter:
+                loss = self._loss(batch, anchor)
+                loss.backward()
+            self._flops_by_shape[shape] = float(counter.get_total_flops())
+        else:
+            loss = self._loss(batch, anchor)
+            loss.backward()
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.slots.params.values()), self.cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach()), self._flops_by_shape[shape]
+
+    def _loss(self, batch, anchor) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        if anchor is not None and self.cfg.prox_mu > 0:
+            # FedProx: mu/2 * ||theta - theta_global||^2 over the adapter (O(adapter) extra work).
+            prox = sum(((p - anchor[k]) ** 2).sum() for k, p in self.slots.params.items())
+            loss = loss + 0.5 * self.cfg.prox_mu * prox
+        return loss
+
+
+@torch.no_grad()
+def evaluate(model, data: Encoded, task: Task, batch_size: int) -> dict[str, float]:
+    """Eval loss and the task's metrics for the adapter currently loaded in ``model``."""
+    model.eval()
+    order = np.argsort([len(r) for r in data.input_ids], kind="stable")  # length-sorted: less padding
+    total_loss, total_count, preds = 0.0, 0, np.empty(len(data), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = data.collate(idx)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if task.kind == "causal-lm":
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            total_loss += float(torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                ignore_index=-100, reduction="sum"))
+            total_count += int((shift_labels != -100).sum())
+        elif task.num_labels == 1:
+            out = logits.squeeze(-1)
+            total_loss += float(torch.nn.functional.mse_loss(out, labels, reduction="sum"))
+            total_count += len(idx)
+            preds[idx] = out.numpy()
+        else:
+            total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            total_count += len(idx)
+            preds[idx] = logits.argmax(-1).numpy()
+    loss = total_loss / max(total_count, 1)
+    metrics = {"eval/loss": loss}
+    if task.kind == "causal-lm":
+        metrics["eval/perplexity"] = math.exp(min(loss, 50.0))
+    else:
+        labels_np = data.labels
+        pred_np = preds if task.num_labels == 1 else preds.astype(np.int64)
+        metrics.update({f"eval/{k}": float(v) for k, v in task.compute_metrics(pred_np, labels_np).items()})
+    return metrics

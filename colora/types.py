@@ -1,0 +1,54 @@
+"""Plain data types shared by algorithms and engines (no behaviour, no heavy imports)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+AdapterState = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientTask:
+    """One client's work in a round: start from ``state``, take ``steps`` local optimizer steps.
+
+    ``start_step`` is the client's own step counter: its k-th step always sees its k-th batch
+    (common random numbers across algorithms and engines).
+    """
+
+    client_id: int
+    state: AdapterState
+    start_step: int
+    steps: int
+    lr: float
+    prox_anchor: AdapterState | None = None  # FedProx: pull towards this state with train.prox_mu
+    keep_optimizer: bool = False  # central: the optimizer's moments persist across rounds
+
+
+@dataclass
+class ClientResult:
+    client_id: int
+    state: AdapterState
+    num_samples: int  # size of the client's local data set (aggregation weight)
+    loss: float  # mean training loss over the steps taken
+    flops: float  # measured training FLOPs of those steps
+    steps: int
+
+
+class TaskRunner(Protocol):
+    """What an engine offers algorithms: run independent client tasks, in any order or in parallel."""
+
+    def __call__(self, tasks: list[ClientTask]) -> list[ClientResult]: ...
+
+
+@dataclass
+class RoundResult:
+    """What one round of an algorithm adds to the run's counters."""
+
+    train_loss: float
+    bytes_up: int
+    bytes_down: int
+    sim_time_s: float
+    extra: dict = field(default_factory=dict)  # algorithm-specific metrics, logged as-is
