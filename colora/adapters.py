@@ -17,7 +17,6 @@ from safetensors.torch import save as safetensors_save
 
 from .config import ColoraError, ModelConfig
 from .models import head_module_names
-
 from .types import AdapterState
 
 
@@ -35,6 +34,7 @@ def attach_lora(model: torch.nn.Module, cfg: ModelConfig, seed: int, rank: int |
         target_modules=lora.target_modules,
         task_type=task_type,
         modules_to_save=head_module_names(model) if cfg.task == "seq-cls" else None,
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in x out)
     )
     torch.manual_seed(seed)
     try:

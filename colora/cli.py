@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 from .config import ColoraError, load_config
@@ -15,7 +15,8 @@ EXIT_BAD_INPUT = 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="colora", description="Collaborative LoRA fine-tuning: central, federated, split, decentralized.")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one experiment from a YAML config", description="Run one experiment. Writes config.yaml, metrics.jsonl, summary.json and adapter/ to the run directory.")
+    run = sub.add_parser("run", help="run one experiment from a YAML config",
+                         description="Run one experiment. Writes config.yaml, metrics.jsonl, summary.json and adapter/ to the run directory.")
     run.add_argument("config", nargs="?", help="experiment config (YAML)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a dotted config key, e.g. --set train.lr=1e-3 (repeatable)")

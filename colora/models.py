@@ -123,6 +123,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, tokenizer, seed: int = 0)
     adapter. ``num_labels == 1`` selects regression (STS-B).
     """
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     seq_cls = cfg.task == "seq-cls"
     extra = {}
     if seq_cls:

@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from .config import ColoraError, Config, build_config, dump_config
-
-import yaml
 
 CHECKPOINT = "checkpoint/state.pt"
 

@@ -126,3 +126,27 @@ def test_memory_per_client_is_adapter_sized():
     assert len(list(many.model.parameters())) == len(list(few.model.parameters()))
     assert sum(p.nbytes for p in many.parts) == sum(p.nbytes for p in few.parts)  # a partition of the same data
     assert len(many.algorithm.client_steps) == 40
+
+
+def test_a_diverging_run_stops_with_exit_2_and_keeps_what_it_computed(tmp_path, capsys):
+    raw, _ = tiny_raw()
+    raw.update(rounds=3)
+    raw["train"].update(optimizer="sgd", lr=1.0e12)
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    assert main(["run", str(cfg_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "non-finite update" in err and "train.lr=1e+12" in err and len(err.splitlines()) == 1
+    rows = read_rows(out)
+    assert rows[0]["round"] == 0 and rows[-1]["round"] < 3  # rows computed before the failure survive
+    if rows[-1]["round"] > 0:  # ...and agree with the checkpoint a resume would start from
+        assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["round"] == rows[-1]["round"]
+    assert (out / "config.yaml").is_file() and (out / "partition.json").is_file()
+
+
+def test_log_shows_the_label_histogram(tmp_path, capsys):
+    run_experiment(tiny_config(rounds=1, clients__num=12, clients__per_round=2, clients__partition="shards"), out=str(tmp_path / "r"))
+    out = capsys.readouterr().out
+    assert "food-neg" in out and "sport-pos" in out and "2 more clients in partition.json" in out
+    assert "round 1/1" in out

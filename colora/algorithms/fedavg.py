@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..adapters import payload_nbytes
-from ..config import ColoraError
 from ..aggregation import get_aggregator, server_step
+from ..config import ColoraError
 from ..costmodel import fedavg_round_time
 from ..schedule import lr_at
 from ..types import ClientTask, RoundResult

@@ -89,6 +89,22 @@ class InProcessEngine:
         self.trainer.pending_optimizer_states = dict(state["optimizers"])
 
 
+def _partition_text(cfg: Config, info: dict, show: int = 10) -> str:
+    """Header line plus a per-client label histogram (first ``show`` clients)."""
+    lines = [f"colora: {cfg.algorithm} on {cfg.data.name}, {cfg.clients.num} clients ({info['scheme']})"]
+    if "histogram" in info:
+        names = info["label_names"] if len(info["label_names"]) == len(info["histogram"][0]) else [
+            f"bin{i}" for i in range(len(info["histogram"][0]))]
+        lines.append("  client " + " ".join(f"{n[:9]:>9}" for n in names) + "      n")
+        for k, counts in enumerate(info["histogram"][:show]):
+            lines.append(f"  {k:>6} " + " ".join(f"{c:>9}" for c in counts) + f" {info['sizes'][k]:>6}")
+        if len(info["histogram"]) > show:
+            lines.append(f"  ... {len(info['histogram']) - show} more clients in partition.json")
+    else:
+        lines.append(f"  sizes {info['sizes'][:show]}")
+    return "\n".join(lines)
+
+
 def _log_line(row: dict, rounds: int) -> str:
     parts = [f"round {row['round']}/{rounds}"]
     if row.get("train_loss") is not None:
@@ -119,12 +135,13 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
         rundir.write_config(run_dir, cfg)
         info = engine.partition_report()
         rundir.write_json(run_dir, "partition.json", info)
-        tqdm.write(f"colora: {cfg.algorithm} on {cfg.data.name}, {cfg.clients.num} clients, sizes {info['sizes']}")
+        tqdm.write(_partition_text(cfg, info))
         start, rows = 0, [{"round": 0, **counters, "train_loss": None, **engine.evaluate(algo.global_state())}]
         rundir.append_metrics(run_dir, rows[0])
+        tqdm.write(_log_line(rows[0], cfg.rounds))
     began = time.perf_counter() - counters["wall_time_s"]
     bar = tqdm(range(start + 1, cfg.rounds + 1), initial=start, total=cfg.rounds, desc=cfg.algorithm,
-               unit="round", disable=not cfg.log.progress)
+               unit="round", disable=None if cfg.log.progress else True)  # None: off when not a terminal
     for rnd in bar:
         res = algo.run_round(rnd)
         counters["bytes_up"] += res.bytes_up
@@ -132,14 +149,14 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
         counters["sim_time_s"] += res.sim_time_s
         counters["wall_time_s"] = time.perf_counter() - began
         losses.append(res.train_loss)
+        row = {"round": rnd, **counters, "train_loss": float(np.mean(losses)), **res.extra}
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
-            row = {"round": rnd, **counters, "train_loss": float(np.mean(losses)),
-                   **engine.evaluate(algo.global_state()), **res.extra}
+            row.update(engine.evaluate(algo.global_state()))
             rows.append(row)
             rundir.append_metrics(run_dir, row)
             losses = []
             bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in row.items() if k.startswith("eval/")})
-            tqdm.write(_log_line(row, cfg.rounds))
+        tqdm.write(_log_line(row, cfg.rounds))
         rundir.save_checkpoint(run_dir, {"round": rnd, "algorithm": algo.state_dict(), "engine": engine.state_dict(),
                                          "counters": counters, "losses": losses})
         if stop_after is not None and rnd >= stop_after and rnd < cfg.rounds:
