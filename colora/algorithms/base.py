@@ -8,6 +8,7 @@ model, in worker processes, ...); results must not depend on that choice.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,8 @@ class Context:
     initial_state: AdapterState  # same A (seeded), B = 0, fresh head: the round-0 global adapter
     client_sizes: list[int]  # local data set sizes (pooled algorithms see one entry)
     adapter_params: int
+    # Evaluate any adapter state on the eval split (e.g. each client's own adapter in declora).
+    evaluate: Callable[[AdapterState], dict[str, float]]
 
 
 class Algorithm(ABC):

@@ -47,7 +47,7 @@ class InProcessEngine:
         algo_cls = get_algorithm(cfg.algorithm)
         train_parts = [np.arange(len(train))] if algo_cls.pooled_data else self.parts
         self.trainer = LocalTrainer(self.model, self.slots, train, train_parts, cfg.train, cfg.seed)
-        ctx = Context(cfg, self.trainer, self.slots.get(), [len(p) for p in train_parts], self.slots.num_params())
+        ctx = Context(cfg, self.trainer, self.slots.get(), [len(p) for p in train_parts], self.slots.num_params(), self.evaluate)
         self.algorithm = algo_cls(ctx)
 
     def _partition(self, n: int) -> list[np.ndarray]:
