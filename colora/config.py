@@ -73,6 +73,9 @@ class TrainConfig(_Strict):
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_rounds: int = Field(0, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    # reset: a fresh local optimizer every round (classic FedAvg); keep: each client keeps its
+    # optimizer moments across the rounds it takes part in (2 x adapter bytes per client for AdamW).
+    client_optimizer: Literal["reset", "keep"] = "reset"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(None, gt=0)
     prox_mu: float = Field(0.0, ge=0)

@@ -45,3 +45,12 @@ def test_batches_are_common_random_numbers():
     assert sorted(flat[37:74].tolist()) == list(range(100, 137))
     other = np.concatenate([batch_indices(idx, 8, s, seed=3, stream=5) for s in range(12)])
     assert not (flat == other).all()
+
+
+def test_fedavg_one_client_adamw_with_kept_moments_equals_central(tmp_path):
+    common = dict(clients__num=1, clients__per_round=1, train__optimizer="adamw", train__lr=0.01, rounds=3)
+    fed = run_experiment(tiny_config(algorithm="fedavg", train__client_optimizer="keep", **common), out=str(tmp_path / "fed"))
+    cen = run_experiment(tiny_config(algorithm="central", **common), out=str(tmp_path / "cen"))
+    reset = run_experiment(tiny_config(algorithm="fedavg", **common), out=str(tmp_path / "reset"))
+    assert abs(_final(fed)["eval/loss"] - _final(cen)["eval/loss"]) < 1e-6
+    assert abs(_final(reset)["eval/loss"] - _final(cen)["eval/loss"]) > 1e-5  # fresh moments each round differ

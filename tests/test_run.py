@@ -61,7 +61,7 @@ def test_bytes_are_the_serialized_adapter_payloads(tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     over = dict(rounds=4, clients__num=4, clients__per_round=2, clients__partition="dirichlet",
-                train__prox_mu=0.01, federation__server_optimizer="fedadam", federation__server_lr=0.01)
+                train__prox_mu=0.01, train__client_optimizer="keep", federation__server_optimizer="fedadam", federation__server_lr=0.01)
     whole = run_experiment(tiny_config(**over), out=str(tmp_path / "whole"))
     part = run_experiment(tiny_config(**over), out=str(tmp_path / "part"), stop_after=2)
     assert [r["round"] for r in read_rows(part)] == [0, 1, 2]

@@ -41,7 +41,8 @@ class FedAvg(Algorithm):
         sampled = sample_clients(cfg.seed, rnd, cfg.clients.num, cfg.clients.per_round)
         steps, lr = cfg.train.local_steps, lr_at(cfg.train, rnd, cfg.rounds)
         anchor = self.state if cfg.train.prox_mu > 0 else None
-        tasks = [ClientTask(k, self.state, self.client_steps[k], steps, lr, prox_anchor=anchor) for k in sampled]
+        keep = cfg.train.client_optimizer == "keep"
+        tasks = [ClientTask(k, self.state, self.client_steps[k], steps, lr, prox_anchor=anchor, keep_optimizer=keep) for k in sampled]
         results = self.ctx.run_tasks(tasks)
         for r in results:
             self.client_steps[r.client_id] += r.steps
