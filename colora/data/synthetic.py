@@ -10,7 +10,8 @@ food-neg 0, food-pos 1, sport-neg 2, sport-pos 3.
 - Topic-neutral filler words are distractors.
 - Train labels have ~3% noise (a uniformly chosen wrong class); eval labels are clean.
 
-A pretrained sentence encoder separates topics and plain adjectives at once, but negation and
+A pretrained encoder picks up topics and plain adjectives within a few dozen steps (about 70%
+accuracy: 20% of clauses are negated, 20% of sentences have a "but"), while negation and
 "but" clauses need fine-tuning, which LoRA learns in a few hundred steps.
 `synthetic_rule_label` is the exact labelling rule, used to check the generator.
 """
@@ -42,8 +43,8 @@ PREFIXES = ("honestly,", "yesterday", "last week", "to be fair,", "i think", "as
 SUFFIXES = ("in the city", "with my friends", "this time", "as usual", "again", "overall",
             "according to everyone", "on the whole")
 TRAIN_LABEL_NOISE = 0.03
-P_NEGATED = 0.4
-P_BUT = 0.4
+P_NEGATED = 0.2
+P_BUT = 0.2
 
 
 def _clause(rng: np.random.Generator, topic: int, sentiment: int) -> str:
