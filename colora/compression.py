@@ -1,0 +1,168 @@
+"""Message compressors: encode an adapter-shaped state into a small packed payload and back.
+
+Used by compressed gossip (``gossip.quantize_bits``, ``gossip.topk``) and available to every
+paradigm. A compressor's :meth:`Compressor.encode` builds the real payload, a few flat tensors
+(all keys of the state packed together, in the state's key order):
+
+- ``codes``: uint8, the stochastic-rounding codes; two 4-bit codes share a byte
+- ``scales``: float32, one per row (see below)
+- ``indices``: int32, flat positions of the kept entries within each tensor (top-k only)
+- ``values``: float32, the kept entries themselves (top-k without quantization)
+
+:meth:`Compressor.nbytes` is ``len()`` of that payload serialized with safetensors (the same
+framing as a full-precision adapter message), so bytes on the wire are measured, not estimated.
+The receiver needs the keys and shapes to unpack; both ends hold the same model, so this is
+fixed protocol metadata and is not sent per message.
+
+Quantization (``bits`` = 8 or 4): per-row symmetric scales s = max|x_row| / L with
+L = 2^(bits-1) - 1, codes q = floor(x / s + u), u ~ U[0, 1) (stochastic rounding), so that
+E[decode(encode(x))] = x (unbiased) and |error| < s per entry. A "row" is a slice along the
+tensor's shorter dimension: LoRA's A (r x d) and B (d x r) both get r scales of d entries, so
+scales cost 4 r bytes per tensor instead of 4 d; a 1-D tensor has one scale. Rounding noise is
+drawn from a generator seeded by the caller (e.g. from run seed, round and node), so runs are
+deterministic and resumable.
+
+Top-k (``topk`` = fraction in (0, 1]): each tensor keeps its ceil(frac * numel) largest-|x|
+entries (at least one); the rest decode to 0. Biased but contractive; with quantization on, the
+kept values are quantized with one scale per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import serialize
+from .types import AdapterState
+
+
+def _levels(bits: int) -> int:
+    return 2 ** (bits - 1) - 1  # 127 for 8 bits, 7 for 4 bits: codes 0 .. 2L fit in `bits` bits
+
+
+def _pack4(codes: torch.Tensor) -> torch.Tensor:
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    return codes[0::2] | (codes[1::2] << 4)
+
+
+def _unpack4(packed: torch.Tensor, count: int) -> torch.Tensor:
+    return torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:count]
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View x as (rows, entries) with one row per index of its shorter dimension."""
+    if x.dim() != 2:
+        return x.reshape(1, -1)
+    return x if x.shape[0] <= x.shape[1] else x.t()
+
+
+def _from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if len(shape) != 2:
+        return rows.reshape(shape)
+    return rows if shape[0] <= shape[1] else rows.t()
+
+
+def quantize_rows(rows: torch.Tensor, bits: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stochastic rounding of each row to ``bits`` bits: (uint8 codes, float32 scales), unpacked."""
+    L = _levels(bits)
+    x = rows.to(torch.float64)
+    scales = x.abs().amax(dim=1) / L
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    u = torch.rand(x.shape, generator=gen, dtype=torch.float64)
+    q = torch.floor(x / safe[:, None] + u).clamp_(-L, L)
+    return (q + L).to(torch.uint8).reshape(-1), scales.to(torch.float32)
+
+
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, n_rows: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_rows` (float32 rows)."""
+    L = _levels(bits)
+    q = codes.to(torch.float32).reshape(n_rows, -1) - L
+    return q * scales[:, None]
+
+
+@dataclass(frozen=True)
+class Compressor:
+    """Quantization to ``bits`` (0 = off) and/or top-k sparsification to ``topk`` (0 = off)."""
+
+    bits: int = 0
+    topk: float = 0.0
+
+    def __post_init__(self):
+        if self.bits not in (0, 4, 8):
+            raise ValueError(f"bits={self.bits}: supported are 0 (off), 4 and 8")
+        if not 0.0 <= self.topk <= 1.0:
+            raise ValueError(f"topk={self.topk}: must lie in [0, 1]")
+
+    @property
+    def active(self) -> bool:
+        return self.bits > 0 or self.topk > 0
+
+    def _k(self, numel: int) -> int:
+        return numel if self.topk <= 0 else max(1, min(numel, math.ceil(self.topk * numel)))
+
+    def encode(self, state: AdapterState, gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The packed payload of ``state`` (see the module docstring); ``gen`` drives stochastic rounding."""
+        if self.bits and gen is None:
+            raise ValueError("stochastic rounding needs a seeded torch.Generator")
+        codes, scales, indices, values = [], [], [], []
+        for t in state.values():
+            x = t.detach().reshape(-1) if self.topk > 0 else t.detach()
+            if self.topk > 0:
+                k = self._k(x.numel())
+                idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
+                indices.append(idx.to(torch.int32))
+                x = x[idx]
+            if self.bits:
+                c, s = quantize_rows(x.reshape(1, -1) if self.topk > 0 else _as_rows(x), self.bits, gen)
+                codes.append(c)
+                scales.append(s)
+            else:
+                values.append(x.to(torch.float32).reshape(-1))
+        payload = {}
+        if codes:
+            flat = torch.cat(codes)
+            payload["codes"] = _pack4(flat) if self.bits == 4 else flat
+            payload["scales"] = torch.cat(scales)
+        if indices:
+            payload["indices"] = torch.cat(indices)
+        if values:
+            payload["values"] = torch.cat(values)
+        return payload
+
+    def decode(self, payload: dict[str, torch.Tensor], like: AdapterState) -> AdapterState:
+        """Unpack ``payload`` into tensors with the keys, shapes and dtypes of ``like``."""
+        out: AdapterState = {}
+        counts = [self._k(t.numel()) for t in like.values()]
+        if self.bits:
+            codes = payload["codes"]
+            if self.bits == 4:
+                codes = _unpack4(codes, sum(counts))
+        c_off = s_off = i_off = 0
+        for (key, ref), count in zip(like.items(), counts):
+            if self.bits:
+                rows = 1 if self.topk > 0 else _as_rows(ref).shape[0]
+                vals = dequantize_rows(codes[c_off : c_off + count], payload["scales"][s_off : s_off + rows], rows, self.bits)
+                c_off, s_off = c_off + count, s_off + rows
+            else:
+                vals = payload["values"][c_off : c_off + count]
+                c_off += count
+            if self.topk > 0:
+                dense = torch.zeros(ref.numel(), dtype=torch.float32)
+                dense[payload["indices"][i_off : i_off + count].long()] = vals.reshape(-1)
+                i_off += count
+                out[key] = dense.reshape(ref.shape).to(ref.dtype)
+            else:
+                out[key] = _from_rows(vals, ref.shape).reshape(ref.shape).to(ref.dtype)
+        return out
+
+    def nbytes(self, payload: dict[str, torch.Tensor]) -> int:
+        """Exact size of the serialized payload, in bytes."""
+        return len(serialize(payload))
+
+
+def from_gossip(bits: int, topk: float) -> Compressor:
+    """The compressor for ``gossip.quantize_bits`` and ``gossip.topk``."""
+    return Compressor(bits=int(bits), topk=float(topk))
