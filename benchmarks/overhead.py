@@ -1,18 +1,22 @@
-"""Foundation benchmarks on MRPC with MiniLM-L6 (prints a table; not a timed test).
+"""Foundation benchmarks on MRPC with MiniLM-L6 (prints tables; not timed tests).
 
-1. Engine overhead: fedavg with 10 IID clients vs central on the same samples (same number of
-   optimizer steps, same evaluations): ratio of wall-clock times measured in this one run.
-2. Quality at equal sample budget: dev accuracy / F1 of both runs.
-3. Memory per additional simulated client: peak RSS of fedavg with 200 vs 10 clients (one round,
-   every client sampled, one local step each), each in a fresh process.
+    python benchmarks/overhead.py                      # all three sections
+    python benchmarks/overhead.py --section overhead   # or quality / memory
 
-    python benchmarks/overhead.py [--data ../shared/data/glue/MRPC] [--steps 600]
+- overhead: fedavg with 10 IID clients vs central on the same samples (same optimizer steps, same
+  evaluations), run one after the other in fresh processes: the ratio of their wall-clock times.
+- quality: dev accuracy/F1 at an equal sample budget: central vs fedavg (10 IID clients, plain)
+  vs fedavg with kept client AdamW moments and server momentum (FedAvgM). The runs go in parallel,
+  one thread each (their wall times are not compared).
+- memory: peak RSS of fedavg with 200 vs 10 clients (one round, every client sampled, one local
+  step each), each in a fresh process: MB per additional simulated client.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -20,60 +24,103 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "mrpc.yaml"
+CLIENTS = 10
 
 
-def colora_run(out: Path, overrides: dict) -> dict:
-    """Run one experiment in a fresh process; return its summary.json."""
+def _args(out: Path, overrides: dict) -> list[str]:
     args = [sys.executable, "-m", "colora", "run", str(CONFIG), "--out", str(out), "--set", "log.progress=false"]
     for key, value in overrides.items():
-        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, list) else value}"]
-    subprocess.run(args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def run(out: Path, overrides: dict) -> dict:
+    """One experiment in a fresh process; its summary.json."""
+    subprocess.run(_args(out, overrides), check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())
+
+
+def run_parallel(jobs: dict[str, tuple[Path, dict]]) -> dict[str, dict]:
+    """Several experiments at once, one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {name: subprocess.Popen(_args(out, over), cwd=ROOT, env=env, stdout=subprocess.DEVNULL) for name, (out, over) in jobs.items()}
+    for name, proc in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"run {name} failed")
+    return {name: json.loads((out / "summary.json").read_text()) for name, (out, _) in jobs.items()}
+
+
+def fed(common: dict, steps_per_round: int, **extra) -> dict:
+    return {**common, "algorithm": "fedavg", "clients.num": CLIENTS, "clients.per_round": CLIENTS,
+            "clients.partition": "iid", "train.local_steps": steps_per_round // CLIENTS, **extra}
+
+
+def section_overhead(tmp: Path, data: str, rounds: int, steps: int) -> None:
+    common = {"data.path": data, "rounds": rounds, "eval.every": rounds, "train.lr": 1e-3}
+    per_round = steps // rounds
+    central = run(tmp / "o-central", {**common, "algorithm": "central", "train.local_steps": per_round})
+    fedavg = run(tmp / "o-fedavg", fed(common, per_round))
+    ratio = fedavg["wall_time_s"] / central["wall_time_s"]
+    print(f"\n[overhead] {steps} optimizer steps of batch 16 each, {rounds} rounds, 2 evaluations")
+    print(f"  central {central['wall_time_s']:.1f} s, fedavg (10 clients) {fedavg['wall_time_s']:.1f} s: "
+          f"ratio {ratio:.3f} (target <= 1.10)")
+
+
+def section_quality(tmp: Path, data: str, rounds: int, steps: int) -> None:
+    per_round = steps // rounds
+    common = {"data.path": data, "rounds": rounds, "eval.every": max(rounds // 8, 1), "train.lr": 1e-3,
+              "train.lr_schedule": "linear", "train.warmup_rounds": 2}
+    jobs = {
+        "central": (tmp / "q-central", {**common, "algorithm": "central", "train.local_steps": per_round}),
+        "fedavg": (tmp / "q-fedavg", fed(common, per_round)),
+        "fedavg+keep+fedavgm": (tmp / "q-fedavgm", fed(common, per_round, **{
+            "train.client_optimizer": "keep", "federation.server_optimizer": "fedavgm",
+            "federation.server_lr": 1.0, "federation.server_momentum": 0.9})),
+    }
+    res = run_parallel(jobs)
+    print(f"\n[quality] MRPC dev, minilm-l6, LoRA r=8 (query, value), batch 16, {steps} steps = {steps * 16} samples per run")
+    print(f"  {'run':<22}{'acc':>8}{'f1':>8}{'best acc':>10}{'MB up/round':>13}")
+    for name, s in res.items():
+        f = s["final"]
+        print(f"  {name:<22}{f['eval/accuracy']:>8.4f}{f['eval/f1']:>8.4f}{s['best']['eval/accuracy']:>10.4f}"
+              f"{s['bytes_up'] / 1e6 / rounds:>13.2f}")
+    c = res["central"]["final"]["eval/accuracy"]
+    for name in ("fedavg", "fedavg+keep+fedavgm"):
+        print(f"  gap central - {name}: {100 * (c - res[name]['final']['eval/accuracy']):+.2f} points (target <= 3)")
+    print(f"  central >= 0.80: {c >= 0.80}")
+
+
+def section_memory(tmp: Path, data: str) -> None:
+    common = {"data.path": data, "rounds": 1, "eval.every": 1, "train.local_steps": 1}
+    rss = {}
+    for n, keep in ((10, "reset"), (200, "reset"), (200, "keep")):
+        s = run(tmp / f"m{n}-{keep}", {**common, "algorithm": "fedavg", "clients.num": n, "clients.per_round": n,
+                                       "train.client_optimizer": keep})
+        rss[(n, keep)] = s["peak_rss_mb"]
+    print("\n[memory] fedavg, one round, every client sampled, one local step each")
+    for key in (("reset"), ("keep")):
+        per = (rss[(200, key)] - rss[(10, "reset")]) / 190
+        print(f"  client_optimizer={key}: 10 clients {rss[(10, 'reset')]:.1f} MB, 200 clients {rss[(200, key)]:.1f} MB "
+              f"-> {per:.3f} MB per additional client (target <= 2)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--section", choices=["all", "overhead", "quality", "memory"], default="all")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "glue" / "MRPC"))
-    p.add_argument("--steps", type=int, default=600, help="total optimizer steps (central) = client steps (fedavg)")
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--central-lr", type=float, default=1e-3)
-    p.add_argument("--fedavg-lr", type=float, default=1e-3)
-    p.add_argument("--server-optimizer", default="none")
-    p.add_argument("--server-lr", type=float, default=1.0)
-    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--steps", type=int, default=1200, help="quality: optimizer steps per run (central) = client steps (fedavg)")
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--overhead-steps", type=int, default=300)
     args = p.parse_args()
-    clients = 10
-    per_client_steps = args.steps // (args.rounds * clients)
-    assert per_client_steps * args.rounds * clients == args.steps, "--steps must be a multiple of rounds * 10"
-    common = {"data.path": args.data, "rounds": args.rounds, "eval.every": max(args.rounds // 4, 1), "seed": 0}
+    if args.steps % (args.rounds * CLIENTS):
+        raise SystemExit("--steps must be a multiple of rounds * 10")
     tmp = Path(tempfile.mkdtemp(prefix="colora-bench-"))
-    central = colora_run(tmp / "central", {**common, "algorithm": "central", "train.lr": args.central_lr,
-                                           "train.local_steps": per_client_steps * clients})
-    fed = colora_run(tmp / "fedavg", {**common, "algorithm": "fedavg", "clients.num": clients, "clients.per_round": clients,
-                                      "clients.partition": "iid", "train.lr": args.fedavg_lr,
-                                      "train.local_steps": per_client_steps,
-                                      "federation.server_optimizer": args.server_optimizer,
-                                      "federation.server_lr": args.server_lr})
-    print(f"\nMRPC, minilm-l6, LoRA r=8 (query, value), batch 16, {args.steps} optimizer steps = {args.steps * 16} samples each")
-    print(f"{'run':<34}{'acc':>8}{'f1':>8}{'best acc':>10}{'wall s':>9}{'MB up':>9}")
-    for name, s in ((f"central ({args.rounds}x{per_client_steps * clients} steps)", central),
-                    (f"fedavg 10 IID ({args.rounds}x10x{per_client_steps})", fed)):
-        f = s["final"]
-        print(f"{name:<34}{f['eval/accuracy']:>8.4f}{f['eval/f1']:>8.4f}{s['best']['eval/accuracy']:>10.4f}"
-              f"{s['wall_time_s']:>9.1f}{s['bytes_up'] / 1e6:>9.2f}")
-    ratio = fed["wall_time_s"] / central["wall_time_s"]
-    gap = 100 * (central["final"]["eval/accuracy"] - fed["final"]["eval/accuracy"])
-    print(f"wall-time ratio fedavg/central: {ratio:.3f} (target <= 1.10)")
-    print(f"accuracy gap central - fedavg: {gap:+.2f} points (target <= 3); central >= 0.80: {central['final']['eval/accuracy'] >= 0.80}")
-    if args.skip_memory:
-        return
-    rss = {}
-    for n in (10, 200):
-        s = colora_run(tmp / f"mem{n}", {**common, "algorithm": "fedavg", "rounds": 1, "eval.every": 1,
-                                          "clients.num": n, "clients.per_round": n, "train.local_steps": 1})
-        rss[n] = s["peak_rss_mb"]
-    per_client = (rss[200] - rss[10]) / 190
-    print(f"peak RSS: 10 clients {rss[10]:.1f} MB, 200 clients {rss[200]:.1f} MB -> {per_client:.3f} MB per additional client (target <= 2)")
+    if args.section in ("all", "overhead"):
+        section_overhead(tmp, args.data, 10, args.overhead_steps)
+    if args.section in ("all", "quality"):
+        section_quality(tmp, args.data, args.rounds, args.steps)
+    if args.section in ("all", "memory"):
+        section_memory(tmp, args.data)
 
 
 if __name__ == "__main__":
