@@ -60,9 +60,12 @@ class DataConfig(_Strict):
 class ClientsConfig(_Strict):
     num: int = Field(10, gt=0)
     per_round: int = Field(10, gt=0)
-    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    partition: Literal["iid", "dirichlet", "shards", "label_skew"] = "iid"
     alpha: float = Field(0.5, gt=0)
     shards_per_client: int = Field(2, gt=0)
+    # label_skew: one row per client of class proportions (each row sums to 1), e.g. Dec-LoRA's
+    # [[0.15, 0.85], [0.85, 0.15], [0.5, 0.5]]; one entry per class is checked at partition time.
+    proportions: list[list[float]] | None = None
 
 
 class TrainConfig(_Strict):
@@ -168,6 +171,12 @@ class Config(_Strict):
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
+    def _label_skew_proportions(self) -> "Config":
+        if self.clients.partition == "label_skew":
+            _check_proportions(self.clients)
+        return self
+
+    @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
         if self.clients.per_round > self.clients.num:
             raise ValueError(
@@ -178,6 +187,20 @@ class Config(_Strict):
                 f"federation.ranks has {len(self.federation.ranks)} entries but clients.num={self.clients.num}"
             )
         return self
+
+
+def _check_proportions(c: ClientsConfig) -> None:
+    """clients.proportions for label_skew: one row per client, equal lengths, rows >= 0 summing to 1."""
+    rows = c.proportions
+    if rows is None:
+        raise ValueError("clients.partition=label_skew needs clients.proportions (one row of class proportions per client)")
+    if len(rows) != c.num:
+        raise ValueError(f"clients.proportions has {len(rows)} rows but clients.num={c.num}")
+    for i, row in enumerate(rows):
+        if not row or len(row) != len(rows[0]):
+            raise ValueError(f"clients.proportions row {i} has {len(row)} entries; every row needs one per class ({len(rows[0])})")
+        if min(row) < 0 or abs(sum(row) - 1.0) > 1e-6:
+            raise ValueError(f"clients.proportions row {i}={row}: entries must be >= 0 and sum to 1 (within 1e-6)")
 
 
 def _format_validation_error(err: ValidationError) -> str:

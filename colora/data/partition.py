@@ -38,7 +38,7 @@ import numpy as np
 
 from colora.data.types import DataError
 
-SCHEMES = ("iid", "dirichlet", "shards")
+SCHEMES = ("iid", "dirichlet", "shards", "label_skew")
 REGRESSION_BINS = 5
 
 
@@ -79,13 +79,15 @@ def partition(
     shards_per_client: int = 2,
     seed: int = 0,
     num_labels: int | None = None,
+    proportions=None,
 ) -> list[np.ndarray]:
     """Split indices 0..len(labels)-1 into `num_clients` disjoint, non-empty, sorted int64 arrays.
 
     `scheme` is "iid" (uniform random, sizes differ by at most one), "dirichlet" (label skew,
-    smaller `alpha` = more skew) or "shards" (each client gets `shards_per_client` label-sorted
-    shards). Pass `num_labels=1` for regression scores. Raises DataError when the settings cannot
-    give every client data.
+    smaller `alpha` = more skew), "shards" (each client gets `shards_per_client` label-sorted
+    shards) or "label_skew" (explicit per-client class `proportions`, see `label_skew`). Pass
+    `num_labels=1` for regression scores. Raises DataError when the settings cannot give every
+    client data.
     """
     if scheme not in SCHEMES:
         raise DataError(f"clients.partition={scheme!r}: unknown scheme; known: {', '.join(SCHEMES)}")
@@ -95,6 +97,11 @@ def partition(
         raise DataError(f"clients.num={num_clients!r}: must be a positive integer")
     if num_clients > n:
         raise DataError(f"clients.num={num_clients} exceeds the {n} training examples; lower clients.num")
+    if scheme == "label_skew":
+        width = REGRESSION_BINS if _is_regression(np.asarray(labels), num_labels) else (num_labels or int(keys.max()) + 1)
+        parts = label_skew(keys, proportions, width, seed)
+        _check_cover(parts, n, "label_skew partitioning")
+        return parts
 
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
@@ -148,6 +155,46 @@ def partition(
         parts = _assign_leftovers(parts, keys)
     _check_cover(parts, n, failure)
     return parts
+
+
+def label_skew(keys: np.ndarray, proportions, num_classes: int, seed: int = 0) -> list[np.ndarray]:
+    """Split each class among the clients by that class's column of `proportions`, normalised.
+
+    `proportions[i][c]` is the share of class c in client i's data (rows sum to 1, as in
+    Dec-LoRA's 3-client 15/85, 85/15, 50/50 split); with balanced classes each client's label mix
+    then equals its row. Class c's examples (shuffled with (seed, c)) go to client i in the
+    amount column_c[i] / sum(column_c) * n_c, rounded by largest remainder (ties to the lower
+    client id), so counts are exact to one example and the split is deterministic.
+    """
+    if proportions is None:
+        raise DataError("clients.partition=label_skew needs clients.proportions")
+    P = np.asarray(proportions, dtype=np.float64)
+    if P.ndim != 2 or P.shape[1] != num_classes:
+        raise DataError(
+            f"clients.proportions has {P.shape[-1] if P.ndim == 2 else '?'} entries per row but the task has "
+            f"{num_classes} classes; give one proportion per class"
+        )
+    parts: list[list[np.ndarray]] = [[] for _ in range(P.shape[0])]
+    for c in range(num_classes):
+        idx = np.flatnonzero(keys == c)
+        if idx.size == 0:
+            continue
+        col = P[:, c]
+        if col.sum() <= 0:
+            raise DataError(f"clients.proportions gives class {c} to no client, but {idx.size} examples have it")
+        idx = idx[np.random.default_rng([seed, 0x1AB, c]).permutation(idx.size)]
+        exact = col / col.sum() * idx.size
+        counts = np.floor(exact).astype(np.int64)
+        short = idx.size - counts.sum()
+        # largest remainder; a stable argsort gives equal remainders to the lower client id
+        counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+        for i, chunk in enumerate(np.split(idx, np.cumsum(counts)[:-1])):
+            parts[i].append(chunk)
+    out = [np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, dtype=np.int64) for p in parts]
+    empty = [i for i, p in enumerate(out) if len(p) == 0]
+    if empty:
+        raise DataError(f"clients.proportions leaves client(s) {empty} with no data on this training set")
+    return out
 
 
 def _assign_leftovers(parts: list[np.ndarray], keys: np.ndarray) -> list[np.ndarray]:

@@ -58,7 +58,7 @@ class InProcessEngine:
                 raise ColoraError(f"clients.partition={c.partition} needs labels; {self.cfg.data.name} has none (use iid)")
             labels = [0] * n
         return partition(labels, c.num, c.partition, alpha=c.alpha, shards_per_client=c.shards_per_client,
-                         seed=self.cfg.seed, num_labels=self.task.num_labels or 1)
+                         seed=self.cfg.seed, num_labels=self.task.num_labels or 1, proportions=c.proportions)
 
     def partition_report(self) -> dict:
         """Per-client sizes and label histograms (saved as partition.json, printed at start)."""
