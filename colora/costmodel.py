@@ -53,3 +53,13 @@ def fedavg_round_time(
         for f, u, d, c in zip(client_flops, up_bytes, down_bytes, clients)
     ]
     return max(per_client) + compute_time(2.0 * aggregated_params, server)
+
+
+def declora_round_time(client_flops: list[float], sent_bytes: list[list[int]], clients: list[DeviceProfile]) -> float:
+    """One synchronous Dec-LoRA round: every node computes its local steps, then sends its messages
+    one after another on its own uplink (``sent_bytes[i]``: one entry per neighbour); receiving
+    overlaps with sending on the separate downlink. No server: the round ends with the slowest node."""
+    return max(
+        compute_time(f, c) + sum(upload_time(b, c) for b in msgs)
+        for f, msgs, c in zip(client_flops, sent_bytes, clients)
+    )

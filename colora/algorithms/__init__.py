@@ -5,9 +5,10 @@ from __future__ import annotations
 from ..config import ColoraError
 from .base import Algorithm, Context, sample_clients
 from .central import Central
+from .declora import DecLoRA
 from .fedavg import FedAvg
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Central, FedAvg)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Central, FedAvg, DecLoRA)}
 
 
 def get_algorithm(name: str) -> type[Algorithm]:

@@ -1,0 +1,189 @@
+"""``declora``: decentralized LoRA (Dec-LoRA, Ghiasvand, Alizadeh, Pedarsani 2025, arXiv 2501.15361).
+
+No server. Every client starts from the same initial adapter (same A, B = 0, same head). Each
+round every client takes ``train.local_steps`` steps on its own data from its *own* state, then
+gossips with its graph neighbours (``gossip.topology``) through a symmetric doubly stochastic
+matrix W (``gossip.mixing``, built in :mod:`colora.topology`): theta_i <- sum_j W_ij theta_j over
+the whole adapter state (A, B and the task head). W's column sums of 1 keep the network average
+exactly where local training put it; its spectral gap sets how fast the clients agree.
+
+Compressed gossip (``gossip.quantize_bits`` / ``gossip.topk``) follows CHOCO-SGD (Koloskova et
+al. 2019, arXiv 1902.00340): quantizing the parameters themselves before mixing leaves a
+permanent error floor, so each node i instead keeps a public copy theta_hat_i that all its
+neighbours hold too, sends q_i = Q(theta_i - theta_hat_i), everyone applies theta_hat_i += q_i,
+and then theta_i <- theta_i + gamma sum_j W_ij (theta_hat_j - theta_hat_i). The compression error
+stays in theta_i - theta_hat_i and is sent again later (error feedback), so the messages shrink
+as the clients agree and the network average is still preserved.
+
+Bytes: a serverless system has no up/down direction, only messages along edges. Every message
+is counted twice, once in ``bytes_up`` by its sender and once in ``bytes_down`` by its receiver,
+so both totals equal the per-edge traffic (sum over directed edges of the message sizes).
+Per round a node sends one message to each neighbour: its adapter payload (O(adapter)) or, when
+compressed, the packed difference payload of :mod:`colora.compression`.
+
+Memory: n adapter states (plus n public copies when compressed) live in the algorithm, O(adapter)
+per client; the frozen base stays the engine's one resident copy.
+
+The evaluated and exported adapter is the network average (1/n) sum_i theta_i.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..adapters import payload_nbytes
+from ..compression import Compressor, from_gossip
+from ..costmodel import declora_round_time
+from ..schedule import lr_at
+from ..topology import Topology, TopologySchedule, mix
+from ..types import AdapterState, ClientTask, RoundResult
+from .base import Algorithm
+
+
+def network_average(states: list[AdapterState]) -> AdapterState:
+    """(1/n) sum_i theta_i, key by key."""
+    n = len(states)
+    return {k: sum(s[k] for s in states) / n for k in states[0]}
+
+
+def consensus_distance(states: list[AdapterState]) -> float:
+    """mean_i ||theta_i - theta_bar||^2 over every entry of the adapter states (float64)."""
+    avg = network_average(states)
+    return float(np.mean([sum(float(((s[k] - avg[k]).double() ** 2).sum()) for k in avg) for s in states]))
+
+
+def rounding_generator(seed: int, rnd: int, node: int) -> torch.Generator:
+    """The stochastic-rounding noise of ``node`` in round ``rnd``: a pure function of the run seed."""
+    gen = torch.Generator()
+    gen.manual_seed(int(np.random.default_rng([seed, 0xC40C, rnd, node]).integers(2**62)))
+    return gen
+
+
+def plain_gossip(states: list[AdapterState], top: Topology) -> tuple[list[AdapterState], list[list[int]]]:
+    """Exact mixing; returns the new states and, per node, the sizes of the messages it sent."""
+    sizes = [payload_nbytes(s) for s in states]
+    return mix(states, top.W), [[sizes[i]] * len(top.neighbors[i]) for i in range(top.n)]
+
+
+def choco_gossip(
+    states: list[AdapterState],
+    public: list[AdapterState],
+    top: Topology,
+    compressor: Compressor,
+    gamma: float,
+    gens: list[torch.Generator],
+    fresh_edges: frozenset[tuple[int, int]] = frozenset(),
+) -> tuple[list[AdapterState], list[AdapterState], list[list[int]]]:
+    """One CHOCO-gossip step; returns (states, public copies, message sizes sent per node).
+
+    ``fresh_edges`` are edges whose ends did not neighbour each other in the previous round (time-
+    varying graphs): their copies of each other's theta_hat are stale, so each end sends its new
+    public copy in full precision over that edge instead of the compressed difference.
+
+    Every neighbour of j applies the same q_j, so all copies of theta_hat_j are equal; the
+    simulation stores one per node (a deployment stores deg_i + 1 of them at node i).
+    """
+    n = top.n
+    new_public, compressed = [], []
+    for i in range(n):
+        diff = {k: states[i][k] - public[i][k] for k in states[i]}
+        payload = compressor.encode(diff, gens[i])
+        q = compressor.decode(payload, diff)
+        new_public.append({k: public[i][k] + q[k] for k in public[i]})
+        compressed.append(compressor.nbytes(payload))
+    new_states = []
+    for i in range(n):
+        # sum over neighbours only: the j = i term of sum_j W_ij (theta_hat_j - theta_hat_i) is zero
+        new_states.append({k: states[i][k] + gamma * sum(float(top.W[i, j]) * (new_public[j][k] - new_public[i][k])
+                                                         for j in top.neighbors[i]) for k in states[i]})
+    sizes = []
+    for i in range(n):
+        full = None
+        msgs = []
+        for j in top.neighbors[i]:
+            if (min(i, j), max(i, j)) in fresh_edges:
+                full = payload_nbytes(new_public[i]) if full is None else full
+                msgs.append(full)
+            else:
+                msgs.append(compressed[i])
+        sizes.append(msgs)
+    return new_states, new_public, sizes
+
+
+class DecLoRA(Algorithm):
+    """Dec-LoRA: local LoRA steps, then gossip with graph neighbours (see the module docstring)."""
+
+    name = "declora"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        cfg, n = self.cfg, self.cfg.clients.num
+        self.schedule = TopologySchedule(cfg.gossip, n, cfg.seed, cfg.rounds)
+        self.compressor = from_gossip(cfg.gossip.quantize_bits, cfg.gossip.topk)
+        print(self.schedule.describe() + (
+            f"\n  compressed gossip (CHOCO): quantize_bits={cfg.gossip.quantize_bits} topk={cfg.gossip.topk} "
+            f"gamma={cfg.gossip.gamma}" if self.compressor.active else ""), flush=True)
+        # States are replaced, never modified in place, so all clients may share the initial dict.
+        self.states: list[AdapterState] = [ctx.initial_state] * n
+        # Public copies start at the shared initial adapter: every node can rebuild it from the
+        # seed, so nothing is sent for it.
+        self.public: list[AdapterState] = [ctx.initial_state] * n if self.compressor.active else []
+        self.client_steps = [0] * n  # each client's own batch counter
+
+    def eval_due(self, rnd: int) -> bool:
+        """Whether the engine evaluates after round ``rnd`` (same rule as the engine's loop)."""
+        return rnd % self.cfg.eval.every == 0 or rnd == self.cfg.rounds
+
+    def _fresh_edges(self, rnd: int, top: Topology) -> frozenset[tuple[int, int]]:
+        if not self.cfg.gossip.time_varying or rnd == 1:
+            return frozenset()  # round 1: every copy is the shared initial adapter
+        return top.edges() - self.schedule.at(rnd - 1).edges()
+
+    def run_round(self, rnd: int) -> RoundResult:
+        cfg, n = self.cfg, self.cfg.clients.num
+        top = self.schedule.at(rnd)
+        steps, lr = cfg.train.local_steps, lr_at(cfg.train, rnd, cfg.rounds)
+        keep = cfg.train.client_optimizer == "keep"
+        prox = cfg.train.prox_mu > 0
+        tasks = [ClientTask(i, self.states[i], self.client_steps[i], steps, lr,
+                            prox_anchor=self.states[i] if prox else None, keep_optimizer=keep) for i in range(n)]
+        results = sorted(self.ctx.run_tasks(tasks), key=lambda r: r.client_id)
+        for r in results:
+            self.client_steps[r.client_id] += r.steps
+        trained = [r.state for r in results]
+        if self.compressor.active:
+            gens = [rounding_generator(cfg.seed, rnd, i) for i in range(n)]
+            self.states, self.public, sent = choco_gossip(
+                trained, self.public, top, self.compressor, cfg.gossip.gamma, gens, self._fresh_edges(rnd, top))
+        else:
+            self.states, sent = plain_gossip(trained, top)
+        total = sum(sum(m) for m in sent)  # each message: sent once, received once
+        sim = declora_round_time([r.flops for r in results], sent, [cfg.system.client] * n)
+        extra = {"consensus_distance": consensus_distance(self.states), "spectral_gap": top.gap}
+        if cfg.gossip.eval_clients and self.eval_due(rnd):
+            extra.update(self._eval_clients())
+        return RoundResult(float(np.mean([r.loss for r in results])), total, total, sim, extra)
+
+    def _eval_clients(self) -> dict[str, float]:
+        # n extra evaluations of the eval split on each eval round (the costliest option here).
+        evals = [self.ctx.evaluate(s) for s in self.states]
+        out = {}
+        for key in evals[0]:
+            vals = [e[key] for e in evals]
+            name = key.removeprefix("eval/")
+            out |= {f"eval_clients/mean_{name}": float(np.mean(vals)), f"eval_clients/min_{name}": float(np.min(vals)),
+                    f"eval_clients/max_{name}": float(np.max(vals))}
+        return out
+
+    def global_state(self) -> AdapterState:
+        return network_average(self.states)
+
+    def state_dict(self) -> dict:
+        # Rounding noise and time-varying graphs are pure functions of (seed, round, node): no RNG state.
+        return {"states": self.states, "public": self.public, "client_steps": self.client_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.states = list(state["states"])
+        self.public = list(state["public"])
+        self.client_steps = list(state["client_steps"])
