@@ -42,6 +42,8 @@ class ModelConfig(_Strict):
     name: str = "minilm-l6"
     task: Literal["seq-cls", "causal-lm"] = "seq-cls"
     lora: LoraConfig = LoraConfig()
+    # Frozen base weights quantized at load (QLoRA-style, colora/quantize.py): int8 or 4-bit NF4.
+    quantize: Literal["none", "int8", "4bit"] = "none"
 
 
 class DataConfig(_Strict):

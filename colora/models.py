@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from .config import ColoraError, ModelConfig
+from .quantize import quantize_base
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _BYTE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"]
@@ -149,7 +150,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, tokenizer, seed: int = 0)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
-    return model
+    return quantize_base(model, cfg.quantize, keep=head_module_names(model))
 
 
 def head_module_names(model: torch.nn.Module) -> list[str]:
