@@ -96,7 +96,8 @@ def read_edge_list(path: str | Path, n: int) -> nx.Graph:
     """An undirected graph on nodes 0..n-1 from a file of ``i j`` lines (0-based ids).
 
     Blank lines and ``#`` comments are skipped; a node id outside 0..n-1, a malformed line or a
-    self-loop is a :class:`ColoraError` naming the file, line and value.
+    self-loop is a :class:`ColoraError` naming the file, line and value. A relative path is
+    relative to the working directory (also when a run is resumed).
     """
     g = nx.empty_graph(n)
     for lineno, raw in enumerate(Path(path).read_text().splitlines(), start=1):

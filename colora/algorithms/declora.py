@@ -24,7 +24,8 @@ compressed, the packed difference payload of :mod:`colora.compression`.
 Memory: n adapter states (plus n public copies when compressed) live in the algorithm, O(adapter)
 per client; the frozen base stays the engine's one resident copy.
 
-The evaluated and exported adapter is the network average (1/n) sum_i theta_i.
+The evaluated and exported adapter is the network average (1/n) sum_i theta_i. Every node trains
+and gossips every round: ``clients.per_round`` (server-side sampling) does not apply.
 """
 
 from __future__ import annotations
