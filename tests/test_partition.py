@@ -126,8 +126,8 @@ def test_errors():
     labels = _balanced(5, 4)
     with pytest.raises(DataError, match="clients.num=21 exceeds the 20"):
         partition(labels, 21, "iid")
-    with pytest.raises(DataError, match="'label_skew'"):
-        partition(labels, 2, "label_skew")
+    with pytest.raises(DataError, match="'quantity_skew'"):
+        partition(labels, 2, "quantity_skew")
     with pytest.raises(DataError, match="clients.num=0"):
         partition(labels, 0, "iid")
     with pytest.raises(DataError, match="clients.alpha=0"):
