@@ -8,12 +8,15 @@ checkpoints adapters works on these dicts, matched by key, never by position.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save as safetensors_save
+from safetensors.torch import save_file
 
 from .config import ColoraError, ModelConfig
 from .models import head_module_names
@@ -43,25 +46,26 @@ def attach_lora(model: torch.nn.Module, cfg: ModelConfig, seed: int, rank: int |
         raise ColoraError(f"model.lora.target_modules={lora.target_modules}: {str(exc).splitlines()[0]}") from None
 
 
-def _state_key(param_name: str) -> str:
+def _state_key(param_name: str, adapter: str = "default") -> str:
     # peft's live names carry the adapter name ("default") and, for the head, the
     # modules_to_save wrapper; its saved names carry neither.
-    return param_name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+    return param_name.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}.", ".")
 
 
 class AdapterSlots:
-    """The live trainable tensors of one resident peft model, addressable by state key.
+    """The live trainable tensors of one adapter of a resident peft model, addressable by state key.
 
     Swapping a client in is a ``copy_`` per tensor (O(adapter) bytes, no model copy); the
     ``Parameter`` objects themselves never change, so an optimizer built over them stays valid.
     """
 
-    def __init__(self, model: PeftModel):
-        self.model = model
+    def __init__(self, model: PeftModel, adapter: str = "default"):
+        self.model, self.adapter = model, adapter
+        # By name, not by requires_grad: peft marks only the active adapter trainable.
         self.params: dict[str, torch.nn.Parameter] = {
-            _state_key(n): p for n, p in model.named_parameters() if p.requires_grad
+            _state_key(n, adapter): p for n, p in model.named_parameters() if f".{adapter}." in n
         }
-        expected = set(get_peft_model_state_dict(model).keys())
+        expected = set(get_peft_model_state_dict(model, adapter_name=adapter).keys())
         if set(self.params) != expected:
             raise ColoraError(
                 f"trainable parameters do not match the peft adapter: {sorted(set(self.params) ^ expected)[:3]}"
@@ -107,7 +111,132 @@ def lora_pairs(state: AdapterState) -> dict[str, tuple[str, str]]:
     return pairs
 
 
+def lora_rank(state: AdapterState) -> int:
+    """The LoRA rank of ``state`` (rows of its LoRA A matrices; all modules share one rank)."""
+    for key, value in state.items():
+        if key.endswith(".lora_A.weight"):
+            return int(value.shape[0])
+    raise ColoraError("adapter state holds no LoRA A matrices")
+
+
 def export_adapter(model: PeftModel, slots: AdapterSlots, state: AdapterState, out_dir: Path) -> None:
     """Save ``state`` as a peft adapter folder (``PeftModel.from_pretrained`` loads it)."""
     slots.load(state)
-    model.save_pretrained(str(out_dir))
+    model.save_pretrained(str(out_dir), selected_adapters=[slots.adapter])
+
+
+def adapter_params_at(state: AdapterState, rank: int) -> int:
+    """Parameters of ``state``'s adapter if its LoRA rank were ``rank`` (the head does not change)."""
+    pairs = lora_pairs(state)
+    lora = {k for pair in pairs.values() for k in pair}
+    per_rank = sum(state[a].shape[1] + state[b].shape[0] for a, b in pairs.values())  # d_in + d_out per module
+    return rank * per_rank + sum(v.numel() for k, v in state.items() if k not in lora)
+
+
+def save_adapter(model: PeftModel, state: AdapterState, out_dir: Path) -> None:
+    """Write ``state`` as a peft adapter folder at its own rank (the run's config with r = that rank).
+
+    The same files ``save_pretrained`` writes (adapter_config.json, adapter_model.safetensors), for a
+    rank that need not be attached to ``model``; ``PeftModel.from_pretrained`` loads it.
+    """
+    cfg = copy.deepcopy(model.peft_config["default"])
+    cfg.r, cfg.inference_mode = lora_rank(state), True
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(out_dir))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out_dir / SAFETENSORS_WEIGHTS_NAME),
+              metadata={"format": "pt"})
+
+
+class RankedAdapters:
+    """One resident base model carrying one LoRA adapter per rank in use; the base weights are shared.
+
+    The run's own adapter (``model.lora.r``, peft name "default", attached by :func:`attach_lora`)
+    serves that rank; any other rank gets a peft adapter "rank<r>" on first use, initialized from the
+    run's seed like :func:`attach_lora` would. Extra memory: one adapter (and one copy of the task
+    head, which peft keeps per adapter) per distinct rank.
+
+    For FLoRA-style merging, :meth:`merge_base` sets the LoRA layers' frozen base weights to
+    W0 + ΔW of a given adapter state (W0 kept once per merged layer, d_out x d_in each); ``None``
+    restores W0. Each call with a new state costs one d_out x R x d_in product per module.
+    """
+
+    def __init__(self, model: PeftModel, seed: int):
+        self.model, self.seed = model, seed
+        self.alpha = float(model.peft_config["default"].lora_alpha)
+        default = AdapterSlots(model)
+        self.default_rank = lora_rank(default.get())
+        self.slots: dict[int, AdapterSlots] = {self.default_rank: default}
+        self.initial: dict[int, AdapterState] = {self.default_rank: default.get()}
+        self._active = "default"
+        self._w0: dict[str, torch.Tensor] = {}  # merged layer prefix -> its original base weight
+        self._merged: AdapterState | None = None
+
+    def ensure(self, rank: int) -> AdapterSlots:
+        """The slots of the rank-``rank`` adapter, attaching it on first use."""
+        if rank not in self.slots:
+            cfg = copy.deepcopy(self.model.peft_config["default"])
+            cfg.r = rank
+            torch.manual_seed(self.seed)
+            self.model.add_adapter(f"rank{rank}", cfg)
+            self.slots[rank] = AdapterSlots(self.model, f"rank{rank}")
+            self.initial[rank] = self.slots[rank].get()
+        return self.slots[rank]
+
+    def initial_state(self, rank: int) -> AdapterState:
+        """The seeded initial adapter at ``rank`` (A from the seed, B = 0, the fresh head)."""
+        self.ensure(rank)
+        return self.initial[rank]
+
+    def activate(self, rank: int | None) -> AdapterSlots:
+        """Make the rank-``rank`` adapter (None: the default one) the one the model runs and trains."""
+        slots = self.ensure(self.default_rank if rank is None else rank)
+        if slots.adapter != self._active:
+            self.model.set_adapter(slots.adapter)
+            self._active = slots.adapter
+        return slots
+
+    def merge_base(self, delta: AdapterState | None) -> None:
+        """Base weights := W0 + (alpha/R) B A for every LoRA pair of ``delta`` (rank R); None: W0."""
+        if delta is self._merged:
+            return
+        with torch.no_grad():
+            for prefix, w0 in self._w0.items():
+                self._base_weight(prefix).copy_(w0)
+            if delta is not None:
+                scale = self.alpha / lora_rank(delta)
+                for prefix, (a_key, b_key) in lora_pairs(delta).items():
+                    weight = self._base_weight(prefix)
+                    if prefix not in self._w0:
+                        self._w0[prefix] = weight.detach().clone()
+                    dw = scale * (delta[b_key].double() @ delta[a_key].double())
+                    weight.add_((dw.T if self.model.get_submodule(prefix).fan_in_fan_out else dw).to(weight.dtype))
+        self._merged = delta
+
+    def _base_weight(self, prefix: str) -> torch.Tensor:
+        return self.model.get_submodule(prefix).get_base_layer().weight
+
+    def load_for_eval(self, state: AdapterState) -> None:
+        """Put ``state`` into the model for evaluation, whatever its rank.
+
+        A rank with an attached adapter loads into it. Any other rank (e.g. ``stack``'s growing
+        global) is merged into the base weights instead and runs with the default adapter's LoRA at
+        zero and the state's head: the same function, at no extra adapter memory.
+        """
+        rank = lora_rank(state)
+        if rank in self.slots:
+            self.merge_base(None)
+            self.activate(rank).load(state)
+            return
+        lora = {k for pair in lora_pairs(state).values() for k in pair}
+        self.merge_base({k: state[k] for k in lora})
+        slots = self.activate(None)
+        zeros = {k: torch.zeros_like(p) for k, p in slots.params.items() if k in lora}  # same names, other rank
+        slots.load({**zeros, **{k: v for k, v in state.items() if k not in lora}})
+
+    def export(self, state: AdapterState, out_dir: Path) -> None:
+        """Save ``state`` as a peft adapter folder at its own rank."""
+        if lora_rank(state) == self.default_rank:
+            self.merge_base(None)
+            export_adapter(self.model, self.slots[self.default_rank], state, out_dir)
+        else:
+            save_adapter(self.model, state, out_dir)

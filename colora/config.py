@@ -97,6 +97,10 @@ class FederationConfig(_Strict):
     ranks: list[int] | None = None
     rank_rule: Literal["uniform", "data_size", "resource"] = "uniform"
     rank_set: list[int] = [2, 4, 8]
+    # HetLoRA options of the zero_pad aggregator (colora/aggregation/zero_pad.py): weigh each module's
+    # clients by the norm of their update; rank self-pruning with decay gamma in (0, 1), null = off.
+    hetlora_sparsity_weighting: bool = False
+    hetlora_prune_gamma: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _ranks_positive(self) -> "FederationConfig":
@@ -104,6 +108,15 @@ class FederationConfig(_Strict):
             for r in getattr(self, key) or []:
                 if r <= 0:
                     raise ValueError(f"federation.{key} holds rank {r}; every LoRA rank must be > 0")
+        if not self.rank_set:
+            raise ValueError("federation.rank_set is empty; it needs at least one LoRA rank")
+        hetlora = {"hetlora_sparsity_weighting": self.hetlora_sparsity_weighting, "hetlora_prune_gamma": self.hetlora_prune_gamma}
+        for key, value in hetlora.items():
+            if value not in (False, None) and self.aggregator != "zero_pad":
+                raise ValueError(f"federation.{key}={value} applies to federation.aggregator=zero_pad only (got {self.aggregator})")
+        if self.aggregator == "hlora" and (self.ranks is not None or self.rank_rule == "resource"):
+            raise ValueError("federation.aggregator=hlora assigns ranks by data size (HLoRA); "
+                             "use aggregator=svd with federation.ranks or rank_rule=resource")
         return self
 
 
@@ -188,6 +201,9 @@ class Config(_Strict):
             raise ValueError(
                 f"federation.ranks has {len(self.federation.ranks)} entries but clients.num={self.clients.num}"
             )
+        if self.federation.aggregator == "stack" and self.model.quantize != "none":
+            raise ValueError(f"federation.aggregator=stack merges the update into the base weights, which "
+                             f"model.quantize={self.model.quantize} keeps quantized; use svd or model.quantize=none")
         return self
 
 

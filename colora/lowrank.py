@@ -41,3 +41,21 @@ def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int,
     b[:, :k] = u[:, :k] * root
     a[:k] = root[:, None] * vh[:k]
     return b.to(dtype), a.to(dtype)
+
+
+# Singular values at or below RANK_RTOL * (largest one) are numerical zeros: float32 factors
+# multiplied in float64 leave ~1e-16 relative noise where the true product is rank-deficient.
+RANK_RTOL = 1e-9
+
+
+def numerical_rank(s: torch.Tensor) -> int:
+    """How many singular values in ``s`` (sorted, descending) are not numerical zeros."""
+    if s.numel() == 0 or float(s[0]) <= 0.0:
+        return 0
+    return int((s > RANK_RTOL * s[0]).sum())
+
+
+def product_fro_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """||B @ A||_F from the factors: trace((B^T B)(A A^T)), two r x r Gram matrices, no d x d product."""
+    bb, aa = b.double().T @ b.double(), a.double() @ a.double().T
+    return float((bb * aa).sum().clamp_min(0.0).sqrt())

@@ -1,0 +1,77 @@
+"""Per-client LoRA ranks: an explicit list, or a rule (``federation.rank_rule``).
+
+- ``federation.ranks``: one rank per client, as given.
+- ``uniform``: every client at ``model.lora.r``.
+- ``data_size`` (HLoRA; implied by ``federation.aggregator: hlora``): clients with more data get
+  higher ranks. Clients are ordered by data size and cut into ``len(rank_set)`` equal quantile
+  groups (tertiles for three ranks), the smallest group getting the smallest rank. A client's
+  position is its mid-rank, so clients of equal size always share a rank (all equal: the middle
+  rank of the set).
+- ``resource``: each client gets the largest rank of ``rank_set`` whose training memory fits its
+  device profile's ``memory_gb`` (estimate below). Today every client shares ``system.client``, so
+  every client gets the same rank (the largest that fits); the rule becomes heterogeneous as soon
+  as clients carry their own profiles (the function already takes one profile per client).
+
+Training memory estimate (bytes): 4 per frozen base parameter (fp32 weights) plus 16 per adapter
+parameter (fp32 weight, gradient and AdamW's two moments). Activations are not counted: they depend
+on batch and sequence length, not on the rank, and are the same for every rank choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .config import ColoraError, DeviceProfile, FederationConfig
+
+
+def data_size_ranks(sizes: list[int], rank_set: list[int]) -> list[int]:
+    """HLoRA's rule: the client at size quantile q gets sorted(rank_set)[floor(q * len(rank_set))]."""
+    ranks = sorted(set(rank_set))
+    sizes_arr = np.asarray(sizes)
+    n = len(sizes_arr)
+    below = np.array([(sizes_arr < s).sum() for s in sizes_arr])
+    equal = np.array([(sizes_arr == s).sum() for s in sizes_arr])
+    # mid-rank quantile q = (below + (equal - 1) / 2) / n in [0, 1), group floor(q * m) in integers
+    groups = (len(ranks) * (2 * below + equal - 1)) // (2 * n)
+    return [ranks[int(g)] for g in groups]
+
+
+def training_bytes(base_params: int, adapter_params: int) -> float:
+    """Estimated memory of local LoRA training: fp32 frozen base + adapter with grads and AdamW moments."""
+    return 4.0 * base_params + 16.0 * adapter_params
+
+
+def resource_ranks(profiles: list[DeviceProfile], rank_set: list[int], base_params: int,
+                   adapter_params_at: Callable[[int], int]) -> list[int]:
+    """The largest rank of ``rank_set`` whose training memory fits each client's ``memory_gb``."""
+    out = []
+    for k, prof in enumerate(profiles):
+        fits = [r for r in sorted(set(rank_set)) if training_bytes(base_params, adapter_params_at(r)) <= prof.memory_gb * 1e9]
+        if not fits:
+            need = training_bytes(base_params, adapter_params_at(min(rank_set))) / 1e9
+            raise ColoraError(f"system.client.memory_gb={prof.memory_gb}: client {k} cannot train even rank "
+                              f"{min(rank_set)} (needs ~{need:.2f} GB); lower federation.rank_set or use a smaller model")
+        out.append(fits[-1])
+    return out
+
+
+def rank_rule_name(fed: FederationConfig) -> str:
+    """How the ranks are chosen, for the log and partition.json."""
+    if fed.ranks is not None:
+        return "explicit"
+    return "data_size" if fed.aggregator == "hlora" else fed.rank_rule
+
+
+def assign_ranks(fed: FederationConfig, default_rank: int, sizes: list[int], profiles: list[DeviceProfile],
+                 base_params: int, adapter_params_at: Callable[[int], int]) -> list[int]:
+    """One LoRA rank per client (``sizes``: local data set sizes; ``profiles``: device profiles)."""
+    rule = rank_rule_name(fed)
+    if rule == "explicit":
+        return list(fed.ranks)
+    if rule == "data_size":
+        return data_size_ranks(sizes, fed.rank_set)
+    if rule == "resource":
+        return resource_ranks(profiles, fed.rank_set, base_params, adapter_params_at)
+    return [default_rank] * len(sizes)
