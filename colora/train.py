@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .adapters import AdapterSlots
+from .adapters import AdapterSlots, RankedAdapters
 from .config import ColoraError, TrainConfig
 from .data import Task, TextDataset
 from .types import ClientResult, ClientTask
@@ -113,20 +113,25 @@ def _torch_seed(seed: int, client: int, step: int) -> int:
 
 
 class LocalTrainer:
-    """Runs :class:`ClientTask` s on one resident model: the local loop of every algorithm."""
+    """Runs :class:`ClientTask` s on one resident model: the local loop of every algorithm.
 
-    def __init__(self, model, slots: AdapterSlots, data: Encoded, parts: list[np.ndarray], cfg: TrainConfig, seed: int):
+    With ``adapters``, a task runs on the adapter of its ``rank`` (and on base + ``base_delta``);
+    without, every task runs on ``slots``.
+    """
+
+    def __init__(self, model, slots: AdapterSlots, data: Encoded, parts: list[np.ndarray], cfg: TrainConfig, seed: int,
+                 adapters: RankedAdapters | None = None):
         self.model, self.slots, self.data, self.parts = model, slots, data, parts
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.adapters = cfg, seed, adapters
         self.persistent: dict[int, torch.optim.Optimizer] = {}  # central keeps its moments
         self.pending_optimizer_states: dict[int, dict] = {}  # restored on first use after a resume
         self._flops_by_shape: dict[tuple, float] = {}
 
-    def _optimizer(self, task: ClientTask) -> torch.optim.Optimizer:
+    def _optimizer(self, task: ClientTask, slots: AdapterSlots) -> torch.optim.Optimizer:
         if task.keep_optimizer and task.client_id in self.persistent:
             opt = self.persistent[task.client_id]
         else:
-            params = list(self.slots.params.values())
+            params = list(slots.params.values())
             if self.cfg.optimizer == "adamw":
                 opt = torch.optim.AdamW(params, lr=task.lr, weight_decay=self.cfg.weight_decay)
             else:
@@ -144,45 +149,49 @@ class LocalTrainer:
 
     def run(self, task: ClientTask) -> ClientResult:
         """Load the task's state, take its local steps, return the trained state."""
-        self.slots.load(task.state)
-        opt = self._optimizer(task)
+        slots = self.slots
+        if self.adapters is not None:
+            self.adapters.merge_base(task.base_delta)
+            slots = self.adapters.activate(task.rank)
+        slots.load(task.state)
+        opt = self._optimizer(task, slots)
         self.model.train()
         torch.manual_seed(_torch_seed(self.seed, task.client_id, task.start_step))
         losses, flops = [], 0.0
         for step in range(task.start_step, task.start_step + task.steps):
             idx = batch_indices(self.parts[task.client_id], self.cfg.batch_size, step, self.seed, task.client_id)
-            loss, f = self._step(self.data.collate(idx), opt, task.prox_anchor)
+            loss, f = self._step(self.data.collate(idx), opt, task.prox_anchor, slots)
             losses.append(loss)
             flops += f
-        state = self.slots.get()
+        state = slots.get()
         if not all(math.isfinite(v) for v in losses) or any(not torch.isfinite(t).all() for t in state.values()):
             raise ColoraError(
                 f"client {task.client_id} produced a non-finite update (train.lr={task.lr:g} may be too high)"
             )
         return ClientResult(task.client_id, state, len(self.parts[task.client_id]), float(np.mean(losses)), flops, task.steps)
 
-    def _step(self, batch, opt, anchor) -> tuple[float, float]:
-        shape = tuple(batch["input_ids"].shape)
+    def _step(self, batch, opt, anchor, slots: AdapterSlots) -> tuple[float, float]:
+        shape = (slots.adapter, *batch["input_ids"].shape)  # LoRA FLOPs depend on the rank
         counter = FlopCounterMode(display=False) if shape not in self._flops_by_shape else None
         if counter is not None:
             with counter:
-                loss = self._loss(batch, anchor)
+                loss = self._loss(batch, anchor, slots)
                 loss.backward()
             self._flops_by_shape[shape] = float(counter.get_total_flops())
         else:
-            loss = self._loss(batch, anchor)
+            loss = self._loss(batch, anchor, slots)
             loss.backward()
         if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(self.slots.params.values()), self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(list(slots.params.values()), self.cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach()), self._flops_by_shape[shape]
 
-    def _loss(self, batch, anchor) -> torch.Tensor:
+    def _loss(self, batch, anchor, slots: AdapterSlots) -> torch.Tensor:
         loss = self.model(**batch).loss
         if anchor is not None and self.cfg.prox_mu > 0:
             # FedProx: mu/2 * ||theta - theta_global||^2 over the adapter (O(adapter) extra work).
-            prox = sum(((p - anchor[k]) ** 2).sum() for k, p in self.slots.params.items())
+            prox = sum(((p - anchor[k]) ** 2).sum() for k, p in slots.params.items())
             loss = loss + 0.5 * self.cfg.prox_mu * prox
         return loss
 

@@ -25,6 +25,10 @@ class ClientTask:
     lr: float
     prox_anchor: AdapterState | None = None  # FedProx: pull towards this state with train.prox_mu
     keep_optimizer: bool = False  # central: the optimizer's moments persist across rounds
+    rank: int | None = None  # the client's LoRA rank (``state``'s rank); None: the run's model.lora.r
+    # FLoRA (aggregator stack): an adapter state whose ΔW the engine merges into the frozen base
+    # weights for this task; the client trains ``state`` on top of base + ΔW.
+    base_delta: AdapterState | None = None
 
 
 @dataclass

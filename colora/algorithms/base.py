@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +26,9 @@ class Context:
     adapter_params: int
     # Evaluate any adapter state on the eval split (e.g. each client's own adapter in declora).
     evaluate: Callable[[AdapterState], dict[str, float]]
+    client_ranks: list[int] = field(default_factory=list)  # each client's LoRA rank (colora.ranks)
+    # The seeded initial adapter at any rank (A from the run's seed, B = 0, the fresh head).
+    initial_state_at: Callable[[int], AdapterState] | None = None
 
 
 class Algorithm(ABC):

@@ -1,8 +1,9 @@
 """The in-process engine: the reference implementation every other engine must match.
 
-ONE resident copy of the frozen base model (with LoRA attached once). Clients are simulated by
-copying their adapter state into the live LoRA tensors, training, and copying out: memory per
-simulated client is its index list and step counter, plus an adapter state while it is in flight.
+ONE resident copy of the frozen base model (with LoRA attached once per LoRA rank in use). Clients
+are simulated by copying their adapter state into the live LoRA tensors, training, and copying out:
+memory per simulated client is its index list and step counter, plus an adapter state while it is
+in flight.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import rundir
-from ..adapters import AdapterSlots, attach_lora, export_adapter
+from ..adapters import RankedAdapters, adapter_params_at, attach_lora
 from ..algorithms import Context, get_algorithm
 from ..config import ColoraError, Config
 from ..data import label_histogram, load_task, partition
 from ..models import load_base_model, load_tokenizer
+from ..ranks import assign_ranks, rank_rule_name
 from ..train import LocalTrainer, encode, evaluate
 
 
@@ -38,7 +40,8 @@ class InProcessEngine:
         tokenizer = load_tokenizer(cfg.model)
         base = load_base_model(cfg.model, self.task.num_labels, tokenizer, seed=cfg.seed)
         self.model = attach_lora(base, cfg.model, seed=cfg.seed)
-        self.slots = AdapterSlots(self.model)
+        self.adapters = RankedAdapters(self.model, cfg.seed)  # one peft adapter per LoRA rank in use
+        self.slots = self.adapters.slots[self.adapters.default_rank]
         train = encode(self.task.train, self.task, tokenizer, d.max_length)
         self.eval_data = encode(self.task.eval, self.task, tokenizer, d.max_length)
         if d.max_eval is not None:
@@ -46,8 +49,12 @@ class InProcessEngine:
         self.parts = self._partition(len(train))
         algo_cls = get_algorithm(cfg.algorithm)
         train_parts = [np.arange(len(train))] if algo_cls.pooled_data else self.parts
-        self.trainer = LocalTrainer(self.model, self.slots, train, train_parts, cfg.train, cfg.seed)
-        ctx = Context(cfg, self.trainer, self.slots.get(), [len(p) for p in train_parts], self.slots.num_params(), self.evaluate)
+        self.ranks = [cfg.model.lora.r] if algo_cls.pooled_data else self._assign_ranks()
+        for r in sorted(set(self.ranks)):
+            self.adapters.ensure(r)
+        self.trainer = LocalTrainer(self.model, self.slots, train, train_parts, cfg.train, cfg.seed, self.adapters)
+        ctx = Context(cfg, self.trainer, self.slots.get(), [len(p) for p in train_parts], self.slots.num_params(), self.evaluate,
+                      client_ranks=self.ranks, initial_state_at=self.adapters.initial_state)
         self.algorithm = algo_cls(ctx)
 
     def _partition(self, n: int) -> list[np.ndarray]:
@@ -60,10 +67,18 @@ class InProcessEngine:
         return partition(labels, c.num, c.partition, alpha=c.alpha, shards_per_client=c.shards_per_client,
                          seed=self.cfg.seed, num_labels=self.task.num_labels or 1, proportions=c.proportions)
 
+    def _assign_ranks(self) -> list[int]:
+        cfg, init = self.cfg, self.adapters.initial_state(self.adapters.default_rank)
+        base_params = sum(p.numel() for p in self.model.parameters()) - self.slots.num_params()
+        return assign_ranks(cfg.federation, cfg.model.lora.r, [len(p) for p in self.parts], [cfg.system.client] * cfg.clients.num,
+                            base_params, lambda r: adapter_params_at(init, r))
+
     def partition_report(self) -> dict:
         """Per-client sizes and label histograms (saved as partition.json, printed at start)."""
         labels = self.task.train.labels
         info = {"scheme": self.cfg.clients.partition, "sizes": [len(p) for p in self.parts]}
+        if len(self.ranks) == len(self.parts):
+            info["ranks"], info["rank_rule"] = self.ranks, rank_rule_name(self.cfg.federation)
         if labels is not None:
             info["label_names"] = self.task.label_names
             info["histogram"] = label_histogram(labels, self.parts, self.task.num_labels).tolist()
@@ -76,11 +91,11 @@ class InProcessEngine:
         return "eval/perplexity" if self.task.kind == "causal-lm" else "eval/loss"
 
     def evaluate(self, state) -> dict[str, float]:
-        self.slots.load(state)
+        self.adapters.load_for_eval(state)
         return evaluate(self.model, self.eval_data, self.task, self.cfg.train.eval_batch_size)
 
     def export(self, state, out_dir: Path) -> None:
-        export_adapter(self.model, self.slots, state, out_dir)
+        self.adapters.export(state, out_dir)
 
     def state_dict(self) -> dict:
         return {"optimizers": {k: o.state_dict() for k, o in self.trainer.persistent.items()}}
@@ -102,6 +117,9 @@ def _partition_text(cfg: Config, info: dict, show: int = 10) -> str:
             lines.append(f"  ... {len(info['histogram']) - show} more clients in partition.json")
     else:
         lines.append(f"  sizes {info['sizes'][:show]}")
+    if "ranks" in info:
+        counts = ", ".join(f"r={r} x{info['ranks'].count(r)}" for r in sorted(set(info["ranks"])))
+        lines.append(f"  LoRA ranks ({info['rank_rule']}): {counts}; per client in partition.json")
     return "\n".join(lines)
 
 

@@ -1,0 +1,67 @@
+"""The server's side of federated LoRA when clients train adapters of different ranks.
+
+Shared by the algorithms whose clients each hold a LoRA adapter of their own rank (``fedavg``, and
+the client side of split learning): it keeps the global adapter, hands each client its projection
+(``RankedRule.for_client``), applies HetLoRA's rank self-pruning to what clients send back, and
+aggregates (``RankedRule.aggregate``). Pure bookkeeping over adapter states; it never touches the
+model. Everything it holds checkpoints as tensors, lists and numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..adapters import lora_rank, payload_nbytes
+from ..aggregation import get_ranked_rule, hetlora_prune
+from ..aggregation.stack import base_delta
+from ..config import Config
+from ..types import AdapterState
+
+
+class RankedServer:
+    """Global adapter at the largest client rank, per-client ranks, and the rule that links them."""
+
+    def __init__(self, cfg: Config, ranks: list[int], initial_state_at: Callable[[int], AdapterState]):
+        self.rule = get_ranked_rule(cfg.federation)
+        self.alpha, self.seed = cfg.model.lora.alpha, cfg.seed
+        self.prune_gamma = cfg.federation.hetlora_prune_gamma
+        self.initial_state_at = initial_state_at
+        self.ranks = list(ranks)  # current ranks; HetLoRA pruning only lowers them
+        self.global_rank = max(ranks)
+        self.state = initial_state_at(self.global_rank)  # B = 0: every client starts from its own init
+        self.tails: list[float | None] = [None] * len(ranks)
+
+    def client_state(self, client: int, rnd: int) -> AdapterState:
+        """What ``client`` receives in round ``rnd``: the global projected to its rank."""
+        r = self.ranks[client]
+        seed = int(np.random.SeedSequence([self.seed, rnd, r]).generate_state(1)[0])  # stack's fresh A per round and rank
+        return self.rule.for_client(self.state, r, self.alpha, self.initial_state_at(r), seed)
+
+    def base_delta(self) -> AdapterState | None:
+        """The update clients train on top of (merged into their base), for rules that merge."""
+        return base_delta(self.state) if self.rule.merges_base else None
+
+    def down_nbytes(self, sent: AdapterState) -> int:
+        """Bytes to one client: its own-rank state, or for merging rules the global it merges
+        (the fresh adapter then comes from a seed, no bytes)."""
+        return payload_nbytes(self.state if self.rule.merges_base else sent)
+
+    def receive(self, client: int, state: AdapterState) -> AdapterState:
+        """What ``client`` uploads after training: its state, rank-pruned if HetLoRA pruning is on."""
+        if self.prune_gamma is None:
+            return state
+        pruned, self.tails[client] = hetlora_prune(state, self.alpha, self.prune_gamma, self.tails[client])
+        if pruned is not state:
+            self.ranks[client] = lora_rank(pruned)
+        return pruned
+
+    def aggregate(self, states: list[AdapterState], weights: list[float]) -> None:
+        self.state = self.rule.aggregate(states, weights, self.alpha, self.global_rank, self.state)
+
+    def state_dict(self) -> dict:
+        return {"state": self.state, "ranks": self.ranks, "tails": self.tails}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state, self.ranks, self.tails = state["state"], list(state["ranks"]), list(state["tails"])
