@@ -164,6 +164,10 @@ class LogConfig(_Strict):
 
 class EvalConfig(_Strict):
     every: int = Field(1, gt=0)
+    # Data-to-text (E2E): greedy generation for this many distinct eval inputs, scored with BLEU,
+    # NIST, ROUGE-L, CIDEr (colora.nlg); 0 = off.
+    generate: int = Field(0, ge=0)
+    max_new_tokens: int = Field(64, gt=0)
 
 
 class Config(_Strict):

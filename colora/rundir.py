@@ -84,13 +84,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def summarize(cfg: Config, rows: list[dict], main_metric: str, counters: dict) -> dict:
-    """summary.json: last eval row's metrics, the best row by the main metric, totals."""
+def summarize(cfg: Config, rows: list[dict], main_metric: str, counters: dict, extra: dict | None = None) -> dict:
+    """summary.json: last eval row's metrics, the best row by the main metric, totals, plus
+    ``extra`` (algorithm-specific sections; a contract key of the same name wins)."""
     higher = main_metric not in ("eval/loss", "eval/perplexity")
     evals = [r for r in rows if main_metric in r]
     best = (max if higher else min)(evals, key=lambda r: r[main_metric]) if evals else {}
     pick = lambda r: {k: v for k, v in r.items() if k.startswith("eval/") or k in ("round", "train_loss")}  # noqa: E731
-    return {
+    summary = {
         "algorithm": cfg.algorithm,
         "rounds": rows[-1]["round"] if rows else 0,
         "main_metric": main_metric,
@@ -102,3 +103,4 @@ def summarize(cfg: Config, rows: list[dict], main_metric: str, counters: dict) -
         "wall_time_s": counters["wall_time_s"],
         "peak_rss_mb": peak_rss_mb(),
     }
+    return {**summary, **{k: v for k, v in (extra or {}).items() if k not in summary}}

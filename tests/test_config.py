@@ -66,7 +66,7 @@ def test_bad_values_name_key_and_value(over, needle):
         (["run", "{cfg}", "--set", "model.lora.r=0"], "model.lora.r=0"),
         (["run", "{cfg}", "--set", "data.name=glue/nope", "--set", "data.path=."], "nope"),
         (["run", "{cfg}", "--set", "model.name=/no/such/model"], "model.name='/no/such/model'"),
-        (["run", "{cfg}", "--set", "algorithm=splitlora"], "algorithm='splitlora' is not available"),
+        (["run", "{cfg}", "--set", "algorithm=splitlora", "--set", "split.layer=9"], "split.layer=9 is outside [1, 3]"),
         (["run", "--resume", "{tmp}/nothing"], "no config.yaml"),
         (["report", "{tmp}/nothing", "--out", "{tmp}/rep"], "nothing"),
     ],

@@ -7,8 +7,10 @@ from .base import Algorithm, Context, sample_clients
 from .central import Central
 from .declora import DecLoRA
 from .fedavg import FedAvg
+from .sl import SL
+from .splitlora import SplitLoRA
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Central, FedAvg, DecLoRA)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Central, FedAvg, SL, SplitLoRA, DecLoRA)}
 
 
 def get_algorithm(name: str) -> type[Algorithm]:

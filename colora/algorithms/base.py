@@ -10,11 +10,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import Config
 from ..types import AdapterState, RoundResult, TaskRunner
+
+if TYPE_CHECKING:
+    from ..split.types import SplitRunner
 
 
 @dataclass
@@ -29,6 +33,9 @@ class Context:
     client_ranks: list[int] = field(default_factory=list)  # each client's LoRA rank (colora.ranks)
     # The seeded initial adapter at any rank (A from the run's seed, B = 0, the fresh head).
     initial_state_at: Callable[[int], AdapterState] | None = None
+    # Split learning (sl, splitlora): one split step at a time on the engine's cut model; built
+    # only for algorithm classes that declare ``runner = "split"``.
+    split: SplitRunner | None = None
 
 
 class Algorithm(ABC):
@@ -36,6 +43,7 @@ class Algorithm(ABC):
 
     name = ""
     pooled_data = False  # True: the engine trains on all data as one stream (central)
+    runner: str | None = None  # "split": the engine also builds ctx.split
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -48,6 +56,10 @@ class Algorithm(ABC):
     @abstractmethod
     def global_state(self) -> AdapterState:
         """The adapter to evaluate and export after the current round."""
+
+    def summary(self) -> dict:
+        """Algorithm-specific entries for summary.json (merged in; contract keys win)."""
+        return {}
 
     @abstractmethod
     def state_dict(self) -> dict:

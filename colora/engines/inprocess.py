@@ -20,7 +20,9 @@ from ..algorithms import Context, get_algorithm
 from ..config import ColoraError, Config
 from ..data import label_histogram, load_task, partition
 from ..models import load_base_model, load_tokenizer
+from ..nlg import generation_metrics
 from ..ranks import assign_ranks, rank_rule_name
+from ..split.trainer import SplitTrainer
 from ..train import LocalTrainer, encode, evaluate
 
 
@@ -37,7 +39,9 @@ class InProcessEngine:
         )
         if self.task.kind != cfg.model.task:
             raise ColoraError(f"data.name={d.name!r} is a {self.task.kind} task but model.task={cfg.model.task!r}")
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = self.tokenizer = load_tokenizer(cfg.model)
+        if cfg.eval.generate and (self.task.kind != "causal-lm" or self.task.eval.text_b is None):
+            raise ColoraError(f"eval.generate={cfg.eval.generate}: generation needs a data-to-text causal-lm task (data.name={d.name!r} is not)")
         base = load_base_model(cfg.model, self.task.num_labels, tokenizer, seed=cfg.seed)
         self.model = attach_lora(base, cfg.model, seed=cfg.seed)
         self.adapters = RankedAdapters(self.model, cfg.seed)  # one peft adapter per LoRA rank in use
@@ -53,8 +57,10 @@ class InProcessEngine:
         for r in sorted(set(self.ranks)):
             self.adapters.ensure(r)
         self.trainer = LocalTrainer(self.model, self.slots, train, train_parts, cfg.train, cfg.seed, self.adapters)
+        self.split = SplitTrainer(self.model, self.slots, train, train_parts, cfg) if algo_cls.runner == "split" else None
         ctx = Context(cfg, self.trainer, self.slots.get(), [len(p) for p in train_parts], self.slots.num_params(), self.evaluate,
-                      client_ranks=self.ranks, initial_state_at=self.adapters.initial_state)
+                      client_ranks=self.ranks, initial_state_at=self.adapters.initial_state,
+                      split=self.split)
         self.algorithm = algo_cls(ctx)
 
     def _partition(self, n: int) -> list[np.ndarray]:
@@ -92,16 +98,25 @@ class InProcessEngine:
 
     def evaluate(self, state) -> dict[str, float]:
         self.adapters.load_for_eval(state)
-        return evaluate(self.model, self.eval_data, self.task, self.cfg.train.eval_batch_size)
+        metrics = evaluate(self.model, self.eval_data, self.task, self.cfg.train.eval_batch_size)
+        if self.cfg.eval.generate:  # BLEU, NIST, ROUGE-L, CIDEr of greedy outputs (colora.nlg)
+            metrics.update(generation_metrics(self.model, self.tokenizer, self.task.eval, self.cfg.eval.generate,
+                                              self.cfg.eval.max_new_tokens))
+        return metrics
 
     def export(self, state, out_dir: Path) -> None:
         self.adapters.export(state, out_dir)
 
     def state_dict(self) -> dict:
-        return {"optimizers": {k: o.state_dict() for k, o in self.trainer.persistent.items()}}
+        state = {"optimizers": {k: o.state_dict() for k, o in self.trainer.persistent.items()}}
+        if self.split is not None:
+            state["split"] = self.split.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.trainer.pending_optimizer_states = dict(state["optimizers"])
+        if self.split is not None:
+            self.split.load_state_dict(state["split"])
 
 
 def _partition_text(cfg: Config, info: dict, show: int = 10) -> str:
@@ -182,5 +197,5 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
             return run_dir
     bar.close()
     engine.export(algo.global_state(), run_dir / "adapter")
-    rundir.write_json(run_dir, "summary.json", rundir.summarize(cfg, rows, engine.main_metric, counters))
+    rundir.write_json(run_dir, "summary.json", rundir.summarize(cfg, rows, engine.main_metric, counters, extra=algo.summary()))
     return run_dir

@@ -1,0 +1,80 @@
+"""``sl``: vanilla sequential split learning (the SplitFed paper's SL baseline).
+
+One server adapter; the sampled clients take turns. A client receives the current client-side
+adapter, trains ``train.local_steps`` split steps with the server (activation up, gradient down
+each step, exactly as in ``splitlora``), then hands its client-side adapter on (uploaded and
+relayed to the next client). Nothing runs in parallel, so the simulated time is the sum of all of
+it. Like ``splitlora``, the standard split sends labels to the server; ``split.u_shaped`` keeps
+them on the client.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..adapters import payload_nbytes
+from ..config import ColoraError
+from ..costmodel import download_time, sequential_split_time, upload_time
+from ..schedule import lr_at
+from ..split.types import SplitJob
+from ..types import AdapterState, RoundResult
+from .base import Algorithm, sample_clients
+from .splitlora import SplitTotals, check_split_config
+
+
+class SL(Algorithm):
+    name = "sl"
+    runner = "split"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.split = check_split_config(self.cfg, ctx.split)
+        if self.cfg.split.server != "shared":
+            raise ColoraError(f"split.server={self.cfg.split.server}: algorithm=sl has one server adapter (use shared)")
+        self.client_state = {k: ctx.initial_state[k] for k in self.split.client_keys}
+        self.server_state = {k: ctx.initial_state[k] for k in self.split.server_keys}
+        self.client_steps = [0] * self.cfg.clients.num
+        self.stats = SplitTotals()
+
+    def run_round(self, rnd: int) -> RoundResult:
+        cfg, split = self.cfg, self.split
+        order = sample_clients(cfg.seed, rnd, cfg.clients.num, cfg.clients.per_round)
+        lr, device = lr_at(cfg.train, rnd, cfg.rounds), cfg.system.client
+        up = down = 0
+        sim, losses = 0.0, []
+        for k in order:
+            split.begin([k], [self.client_steps[k]], fresh_optimizers=cfg.train.client_optimizer == "reset")
+            handoff = payload_nbytes(self.client_state)  # the client-side adapter, relayed to this client
+            down, sim = down + handoff, sim + download_time(handoff, device)
+            self.stats.totals["adapter_bytes_down"] += handoff
+            mine = []
+            for _ in range(cfg.train.local_steps):
+                res = split.step([SplitJob(k, self.client_state, self.client_steps[k])], [self.server_state], lr)
+                (self.client_state,), (self.server_state,) = res.client_states, res.server_states
+                self.client_steps[k] += 1
+                self.stats.add_step(res)
+                mine.append(res.losses[0])
+                up, down = up + res.bytes_up[0], down + res.bytes_down[0]
+                sim += sequential_split_time(res.client_flops, res.bytes_up, res.bytes_down, res.server_flops,
+                                             [device], cfg.system.server, res.messages)
+            handoff = payload_nbytes(self.client_state)  # ...and handed on at the end of its turn
+            up, sim = up + handoff, sim + upload_time(handoff, device)
+            self.stats.totals["adapter_bytes_up"] += handoff
+            losses.append(float(np.mean(mine)))
+        weights = [float(self.ctx.client_sizes[k]) if cfg.federation.weighting == "samples" else 1.0 for k in order]
+        return RoundResult(float(np.average(losses, weights=weights)), up, down, sim, {"clients": len(order)})
+
+    def global_state(self) -> AdapterState:
+        return {**self.client_state, **self.server_state}
+
+    def summary(self) -> dict:
+        return self.stats.summary(self.split.accounting, {"server": "shared", "activation_dtype": self.cfg.split.activation_dtype})
+
+    def state_dict(self) -> dict:
+        return {"client": self.client_state, "server": self.server_state, "client_steps": self.client_steps,
+                "totals": self.stats.totals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.client_state, self.server_state = state["client"], state["server"]
+        self.client_steps = list(state["client_steps"])
+        self.stats.totals = dict(state["totals"])
