@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from colora.config import build_config
+
+# Tiny models: thread start-up costs more than it saves, and CI has 2 cores.
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

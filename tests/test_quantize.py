@@ -1,5 +1,6 @@
 """Quantized frozen base (``model.quantize``, colora/quantize.py). Needs the optional ``quant``
-extra (bitsandbytes); without it only the clear-error test runs."""
+extra (bitsandbytes), which `make test` installs: a missing install fails these tests, it does not
+skip them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ from colora.quantize import quantize_base, resident_nbytes
 from .conftest import read_rows, tiny_config
 
 HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
-needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes (pip install 'colora[quant]') is not installed")
+needs_bnb = pytest.mark.usefixtures("_require_bnb")
+
+
+@pytest.fixture
+def _require_bnb():
+    assert HAVE_BNB, "bitsandbytes is missing: pip install 'colora[quant]' (make test installs it)"
 
 
 @pytest.fixture(autouse=True)

@@ -188,7 +188,6 @@ def test_resume_equals_uninterrupted_and_export_loads_with_peft(tmp_path):
 
 
 def test_e2e_generation_metrics(tmp_path, shared_data):
-    pytest.importorskip("sacrebleu")
     cfg = tiny_config(algorithm="splitlora", model__name="tiny-gpt2", split__layer=2, eval__generate=2, eval__max_new_tokens=8,
                       **_e2e(shared_data))
     row = read_rows(run_experiment(cfg, out=str(tmp_path / "g")))[-1]
