@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from colora.cli import main
@@ -18,14 +17,6 @@ from .conftest import read_rows, tiny_config, tiny_raw
 
 SMALL = dict(data__synthetic_train=90, data__synthetic_eval=32, data__max_length=32)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread hand-offs cost more than the math (measured 3x faster on 2 busy cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_declora_complete_uniform_sgd_equals_fedavg_uniform(tmp_path):

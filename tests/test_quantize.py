@@ -24,14 +24,6 @@ def _require_bnb():
     assert HAVE_BNB, "bitsandbytes is missing: pip install 'colora[quant]' (make test installs it)"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread hand-offs cost more than the math (measured 3x faster on 2 busy cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
