@@ -112,6 +112,12 @@ def _torch_seed(seed: int, client: int, step: int) -> int:
     return (seed * 1_000_003 + client * 7_919 + step) % (2**63)
 
 
+def _fits(opt_state: dict, params: list[torch.Tensor]) -> bool:
+    """Whether a saved optimizer state belongs to ``params`` (a client saved at another rank's does not)."""
+    return all(t.shape == params[i].shape for i, st in opt_state["state"].items()
+               for t in st.values() if torch.is_tensor(t) and t.ndim > 0)
+
+
 class LocalTrainer:
     """Runs :class:`ClientTask` s on one resident model: the local loop of every algorithm.
 
@@ -128,18 +134,20 @@ class LocalTrainer:
         self._flops_by_shape: dict[tuple, float] = {}
 
     def _optimizer(self, task: ClientTask, slots: AdapterSlots) -> torch.optim.Optimizer:
-        if task.keep_optimizer and task.client_id in self.persistent:
-            opt = self.persistent[task.client_id]
-        else:
-            params = list(slots.params.values())
+        params = list(slots.params.values())
+        opt = self.persistent.get(task.client_id) if task.keep_optimizer else None
+        if opt is not None and opt.param_groups[0]["params"][0] is not params[0]:
+            opt = None  # the client's rank changed (HetLoRA pruning): its moments no longer fit
+        if opt is None:
             if self.cfg.optimizer == "adamw":
                 opt = torch.optim.AdamW(params, lr=task.lr, weight_decay=self.cfg.weight_decay)
             else:
                 opt = torch.optim.SGD(params, lr=task.lr, weight_decay=self.cfg.weight_decay)
             if task.keep_optimizer:
                 self.persistent[task.client_id] = opt
-                if task.client_id in self.pending_optimizer_states:
-                    opt.load_state_dict(self.pending_optimizer_states.pop(task.client_id))
+                saved = self.pending_optimizer_states.pop(task.client_id, None)
+                if saved is not None and _fits(saved, params):
+                    opt.load_state_dict(saved)
         for group in opt.param_groups:
             group["lr"] = task.lr
         return opt

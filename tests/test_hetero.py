@@ -401,3 +401,21 @@ def test_every_rule_is_registered_with_its_exactness():
 
     assert set(RANKED) == {"zero_pad", "svd", "stack", "hlora"}
     assert EXACT == {"fedit": False, "product": True, "zero_pad": False, "svd": True, "stack": True, "hlora": True}
+
+
+def test_kept_optimizer_moments_restart_when_a_clients_rank_changes():
+    """HetLoRA pruning lowers a client's rank; with train.client_optimizer=keep its old moments must not
+    keep stepping the old rank's adapter (in the run or after a resume)."""
+    engine = InProcessEngine(_hetero(federation__aggregator="zero_pad", train__client_optimizer="keep"))
+    init = {r: engine.adapters.initial_state(r) for r in (8, 4)}
+    from colora.types import ClientTask
+
+    engine.trainer([ClientTask(0, init[8], 0, 1, 1e-2, keep_optimizer=True, rank=8)])
+    saved = engine.trainer.persistent[0].state_dict()
+    (res,) = engine.trainer([ClientTask(0, init[4], 1, 1, 1e-2, keep_optimizer=True, rank=4)])
+    b_key = next(k for k in res.state if k.endswith("lora_B.weight"))
+    assert not torch.equal(res.state[b_key], init[4][b_key])  # the rank-4 adapter trained (B leaves 0)
+    engine.trainer.persistent.clear()
+    engine.trainer.pending_optimizer_states = {0: saved}  # a checkpoint taken at rank 8
+    (again,) = engine.trainer([ClientTask(0, init[4], 1, 1, 1e-2, keep_optimizer=True, rank=4)])
+    assert all(torch.equal(again.state[k], res.state[k]) for k in res.state)  # fresh moments, as in the run
