@@ -80,11 +80,15 @@ def split_step_time(
 
     ``messages`` per direction per client: 1 (activation up, gradient down), 2 when U-shaped.
     """
-    per_client = [
+    return max(_client_split_times(client_flops, up_bytes, down_bytes, clients, messages)) + compute_time(sum(server_flops), server)
+
+
+def _client_split_times(client_flops, up_bytes, down_bytes, clients, messages: int) -> list[float]:
+    # Each client's own part of a split step: its compute, activation(s) up, gradient(s) down.
+    return [
         compute_time(f, c) + _transfer_time(u, c, messages, up=True) + _transfer_time(d, c, messages, up=False)
         for f, u, d, c in zip(client_flops, up_bytes, down_bytes, clients)
     ]
-    return max(per_client) + compute_time(sum(server_flops), server)
 
 
 def sequential_split_time(
@@ -97,11 +101,7 @@ def sequential_split_time(
     messages: int = 1,
 ) -> float:
     """The same split work strictly in sequence (``sl``): one client's step after another."""
-    return sum(
-        compute_time(f, c) + _transfer_time(u, c, messages, up=True) + _transfer_time(d, c, messages, up=False)
-        + compute_time(s, server)
-        for f, u, d, s, c in zip(client_flops, up_bytes, down_bytes, server_flops, clients)
-    )
+    return sum(_client_split_times(client_flops, up_bytes, down_bytes, clients, messages)) + compute_time(sum(server_flops), server)
 
 
 def adapter_sync_time(
