@@ -18,23 +18,17 @@ from ..costmodel import download_time, sequential_split_time, upload_time
 from ..schedule import lr_at
 from ..split.types import SplitJob
 from ..types import AdapterState, RoundResult
-from .base import Algorithm, sample_clients
-from .splitlora import SplitTotals, check_split_config
+from .base import sample_clients
+from .splitlora import SplitAlgorithm
 
 
-class SL(Algorithm):
+class SL(SplitAlgorithm):
     name = "sl"
-    runner = "split"
 
     def __init__(self, ctx):
+        if ctx.cfg.split.server != "shared":
+            raise ColoraError(f"split.server={ctx.cfg.split.server}: algorithm=sl has one server adapter (use shared)")
         super().__init__(ctx)
-        self.split = check_split_config(self.cfg, ctx.split)
-        if self.cfg.split.server != "shared":
-            raise ColoraError(f"split.server={self.cfg.split.server}: algorithm=sl has one server adapter (use shared)")
-        self.client_state = {k: ctx.initial_state[k] for k in self.split.client_keys}
-        self.server_state = {k: ctx.initial_state[k] for k in self.split.server_keys}
-        self.client_steps = [0] * self.cfg.clients.num
-        self.stats = SplitTotals()
 
     def run_round(self, rnd: int) -> RoundResult:
         cfg, split = self.cfg, self.split

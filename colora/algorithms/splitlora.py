@@ -79,19 +79,28 @@ class SplitTotals:
         }}
 
 
-class SplitLoRA(Algorithm):
-    name = "splitlora"
+class SplitAlgorithm(Algorithm):
+    """Shared start of ``sl`` and ``splitlora``: the initial adapter cut into its client and server
+    halves, per-client step counters and the split accounting totals."""
+
     runner = "split"  # the engine builds a SplitRunner and passes it as ctx.split
 
     def __init__(self, ctx):
         super().__init__(ctx)
         self.split = check_split_config(self.cfg, ctx.split)
-        self.aggregate = get_aggregator(self.cfg.federation.aggregator)
-        self.per_client = self.cfg.split.server == "per_client"
         self.client_state = {k: ctx.initial_state[k] for k in self.split.client_keys}
         self.server_state = {k: ctx.initial_state[k] for k in self.split.server_keys}
         self.client_steps = [0] * self.cfg.clients.num
         self.stats = SplitTotals()
+
+
+class SplitLoRA(SplitAlgorithm):
+    name = "splitlora"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.aggregate = get_aggregator(self.cfg.federation.aggregator)
+        self.per_client = self.cfg.split.server == "per_client"
 
     def run_round(self, rnd: int) -> RoundResult:
         cfg, split = self.cfg, self.split
