@@ -17,7 +17,7 @@ $(BIN)/colora: pyproject.toml
 setup: $(BIN)/colora
 
 demo: setup
-	$(BIN)/colora compare examples/quickstart.yaml --out runs/quickstart --target eval/accuracy=0.8
+	$(BIN)/colora compare examples/quickstart.yaml --out runs/quickstart --target eval/accuracy=0.8 --jobs 2
 
 test: setup
 	$(BIN)/python -m pytest

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("sweep", metavar="SWEEP.yaml")
     cmp.add_argument("--out", required=True, metavar="DIR")
     cmp.add_argument("--target", metavar="METRIC=VALUE", help="e.g. eval/accuracy=0.8")
+    cmp.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="runs at once, each in its own process with cpu_count/N threads (default 1: one after another)")
     return p
 
 
@@ -64,25 +66,15 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    from .compare import format_table, load_sweep
-    from .engines import run_experiment
+    from .compare import format_table, load_sweep, run_sweep
     from .report import load_run, main_metric, parse_target, time_to_target, write_report
 
     target = parse_target(args.target) if args.target else None
     runs = load_sweep(args.sweep)  # every config validated before the first run
+    if args.jobs < 1:
+        raise ColoraError(f"--jobs {args.jobs}: needs at least 1")
     out = Path(args.out)
-    dirs = []
-    for i, (name, cfg) in enumerate(runs):
-        run_dir = out / f"{i}-{name}"
-        if (run_dir / "summary.json").is_file():
-            print(f"[{i + 1}/{len(runs)}] {name}: already complete, kept")
-        else:
-            print(f"[{i + 1}/{len(runs)}] {name}")
-            if (run_dir / "checkpoint").is_dir():
-                run_experiment(cfg, resume=run_dir)
-            else:
-                run_experiment(cfg, out=str(run_dir))
-        dirs.append(run_dir)
+    dirs = run_sweep(runs, out, args.jobs)
     html = write_report(dirs, out, target=target)
     loaded = [load_run(d) for d in dirs]
     metric = main_metric(loaded)

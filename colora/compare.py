@@ -16,11 +16,15 @@ costs nothing.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
 
-from .config import ColoraError, Config, build_config
+from .config import ColoraError, Config, build_config, dump_config
 
 SWEEP_KEYS = {"base", "set", "runs", "grid"}
 
@@ -69,3 +73,53 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     line = lambda vals: "  ".join(str(v).ljust(w) for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(cols), line("-" * w for w in widths)] + [line(r[c] for c in cols) for r in rows])
+
+
+def run_sweep(runs: list[tuple[str, Config]], out: Path, jobs: int = 1) -> list[Path]:
+    """Run every config of a sweep into ``out/<index>-<name>/``; returns the run directories.
+
+    A run whose directory already holds summary.json is kept; one with a checkpoint is resumed.
+    ``jobs > 1`` runs that many at once, each a ``colora run`` process with cpu_count // jobs
+    threads and its log in ``out/<index>-<name>.log`` (results equal a sequential sweep: every run
+    is seeded by its own config). A failed run stops nothing else; the error names its log.
+    """
+    dirs = [out / f"{i}-{name}" for i, (name, _) in enumerate(runs)]
+    todo = []
+    for i, ((name, cfg), run_dir) in enumerate(zip(runs, dirs)):
+        if (run_dir / "summary.json").is_file():
+            print(f"[{i + 1}/{len(runs)}] {name}: already complete, kept")
+        else:
+            todo.append((i, name, cfg, run_dir))
+    if jobs <= 1:
+        from .engines import run_experiment
+
+        for i, name, cfg, run_dir in todo:
+            print(f"[{i + 1}/{len(runs)}] {name}")
+            resume = (run_dir / "checkpoint").is_dir()
+            run_experiment(cfg, resume=run_dir if resume else None, out=None if resume else str(run_dir))
+        return dirs
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    pending, running, failed = list(todo), {}, []
+    while pending or running:
+        while pending and len(running) < jobs:
+            i, name, cfg, run_dir = pending.pop(0)
+            if (run_dir / "checkpoint").is_dir():
+                argv = ["run", "--resume", str(run_dir)]
+            else:
+                cfg_file = out / f"{i}-{name}.yaml"
+                cfg_file.write_text(dump_config(cfg))
+                argv = ["run", str(cfg_file), "--out", str(run_dir)]
+            log = out / f"{i}-{name}.log"
+            print(f"[{i + 1}/{len(runs)}] {name} (log: {log})")
+            with open(log, "w") as fh:
+                proc = subprocess.Popen([sys.executable, "-m", "colora", *argv], stdout=fh, stderr=subprocess.STDOUT, env=env)
+            running[proc] = (i, name, log)
+        time.sleep(0.2)
+        for proc in [p for p in running if p.poll() is not None]:
+            i, name, log = running.pop(proc)
+            if proc.returncode != 0:
+                failed.append(f"run {i} ({name}) exited with {proc.returncode}; see {log}")
+    if failed:
+        raise ColoraError(f"{len(failed)} sweep run(s) failed, the others are kept: {failed[0]}")
+    return dirs

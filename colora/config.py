@@ -149,12 +149,76 @@ class DeviceProfile(_Strict):
     memory_gb: float = Field(gt=0)
 
 
+PRESETS_FILE = Path(__file__).with_name("presets") / "system.yaml"
+PROFILE_FIELDS = ("flops", "up_mbps", "down_mbps", "latency_s", "memory_gb")
+
+
+def load_presets(path: str | None = None) -> dict[str, dict]:
+    """Named device presets: colora's own (``colora/presets/system.yaml``), then ``path``'s (same format), which win."""
+    presets = yaml.safe_load(PRESETS_FILE.read_text())
+    if path is not None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ValueError(f"system.presets_file={path!r}: no such file")
+        presets.update(yaml.safe_load(file.read_text()) or {})
+    return presets
+
+
+class Heterogeneity(_Strict):
+    """How client devices differ around ``system.client`` (drawn once per run from ``seed``).
+
+    Each client's value of every field in ``fields`` is the base value times its own factor:
+    ``fixed``: 1; ``uniform``: U[1 - spread, 1 + spread]; ``lognormal``: exp(N(-spread²/2, spread)),
+    whose mean is 1, so ``system.client`` stays the average device.
+    """
+
+    distribution: Literal["fixed", "uniform", "lognormal"] = "fixed"
+    spread: float = Field(0.0, ge=0)
+    fields: list[Literal["flops", "up_mbps", "down_mbps", "latency_s", "memory_gb"]] = ["flops", "up_mbps", "down_mbps"]
+
+    @model_validator(mode="after")
+    def _positive(self) -> "Heterogeneity":
+        if self.distribution == "uniform" and self.spread >= 1:
+            raise ValueError(f"system.heterogeneity.spread={self.spread}: a uniform spread must be below 1 (rates stay positive)")
+        return self
+
+
+# Without a preset: a laptop-class client on a home link, a single data-centre GPU server.
+DEFAULT_PROFILES = {"client": {"flops": 1.0e12, "up_mbps": 20, "down_mbps": 100, "latency_s": 0.05, "memory_gb": 8},
+                    "server": {"flops": 1.0e14, "up_mbps": 10_000, "down_mbps": 10_000, "latency_s": 0.001, "memory_gb": 80}}
+
+
 class SystemConfig(_Strict):
+    """Device profiles of the cost model: a named preset (or the defaults), single fields overridden
+    under client/server (``--set system.client.up_mbps=5`` keeps the other fields)."""
+
+    presets_file: str | None = None
     preset: str | None = None
     enforce_memory: bool = False
-    # Defaults: a laptop-class client on a home link, a single data-centre GPU server.
-    client: DeviceProfile = DeviceProfile(flops=1.0e12, up_mbps=20, down_mbps=100, latency_s=0.05, memory_gb=8)
-    server: DeviceProfile = DeviceProfile(flops=1.0e14, up_mbps=10_000, down_mbps=10_000, latency_s=0.001, memory_gb=80)
+    client: DeviceProfile = DeviceProfile(**DEFAULT_PROFILES["client"])
+    server: DeviceProfile = DeviceProfile(**DEFAULT_PROFILES["server"])
+    heterogeneity: Heterogeneity = Heterogeneity()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_profiles(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        base = DEFAULT_PROFILES
+        if data.get("preset"):
+            presets = load_presets(data.get("presets_file"))
+            name = data["preset"]
+            if name not in presets:
+                raise ValueError(f"system.preset={name!r} is not a known preset (known: {', '.join(sorted(presets))}; "
+                                 f"add your own with system.presets_file)")
+            base = presets[name]
+        out = dict(data)
+        for role in ("client", "server"):
+            given = data.get(role) or {}
+            if isinstance(given, BaseModel):
+                given = given.model_dump()
+            out[role] = {**base[role], **given} if isinstance(given, dict) else given
+        return out
 
 
 class LogConfig(_Strict):
@@ -231,7 +295,7 @@ def _format_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{loc}'"
     msg = first["msg"].removeprefix("Value error, ")
-    if not loc:  # a cross-field check already names its keys
+    if not loc or msg.startswith(f"{loc}."):  # a cross-field or section check already names its keys
         return msg
     return f"{loc}={first.get('input')!r}: {msg}"
 

@@ -8,9 +8,8 @@
   position is its mid-rank, so clients of equal size always share a rank (all equal: the middle
   rank of the set).
 - ``resource``: each client gets the largest rank of ``rank_set`` whose training memory fits its
-  device profile's ``memory_gb`` (estimate below). Today every client shares ``system.client``, so
-  every client gets the same rank (the largest that fits); the rule becomes heterogeneous as soon
-  as clients carry their own profiles (the function already takes one profile per client).
+  own device profile's ``memory_gb`` (estimate below); profiles differ across clients through
+  ``system.heterogeneity`` (e.g. ``fields: [memory_gb]``, colora.system).
 
 Training memory estimate (bytes): 4 per frozen base parameter (fp32 weights) plus 16 per adapter
 parameter (fp32 weight, gradient and AdamW's two moments). Activations are not counted: they depend

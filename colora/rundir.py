@@ -42,6 +42,33 @@ def append_metrics(run_dir: Path, row: dict) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
+class MetricsLog:
+    """Appends evaluation rows to metrics.jsonl and, with ``log.tensorboard``, to TensorBoard scalars
+    under ``run_dir/tensorboard`` (one tag per numeric key, step = round; tensorboardX writes the
+    event files, so TensorBoard itself is only needed to view them)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.run_dir, self.writer = run_dir, None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise ColoraError("log.tensorboard: true needs tensorboardX (pip install 'colora[tb]')") from None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def append(self, row: dict) -> None:
+        append_metrics(self.run_dir, row)
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, row["round"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import yaml
@@ -10,7 +11,16 @@ import yaml
 from colora.cli import main
 from colora.compare import load_sweep
 from colora.config import ColoraError, DeviceProfile
-from colora.costmodel import central_round_time, download_time, fedavg_round_time, upload_time
+from colora.costmodel import (
+    adapter_sync_time,
+    central_round_time,
+    declora_round_time,
+    download_time,
+    fedavg_round_time,
+    sequential_split_time,
+    split_step_time,
+    upload_time,
+)
 
 from .conftest import tiny_raw
 
@@ -28,6 +38,31 @@ def test_fedavg_round_waits_for_the_slowest_client():
     t = fedavg_round_time([2e9, 4e8], [1_000_000] * 2, [1_000_000] * 2, [fast, slow], server, aggregated_params=0)
     assert t == pytest.approx(0.2 + 4.0 + 1.1)
     assert central_round_time(3e10, server) == pytest.approx(3.0)
+
+
+FAST = DeviceProfile(flops=1e9, up_mbps=8, down_mbps=80, latency_s=0.1, memory_gb=1)
+SLOW = DeviceProfile(flops=1e8, up_mbps=8, down_mbps=80, latency_s=0.1, memory_gb=1)
+SERVER = DeviceProfile(flops=1e10, up_mbps=1000, down_mbps=1000, latency_s=0.0, memory_gb=10)
+
+
+def test_split_step_runs_clients_in_parallel_and_shares_the_server():
+    # client 0: 1e9 / 1e9 = 1 s compute, 1 MB up = 0.1 + 1 s, 1 MB down = 0.1 + 0.1 s -> 2.3 s
+    # client 1: 5e8 / 1e9 = 0.5 s, same transfers -> 1.8 s; server: (2e10 + 2e10) / 1e10 = 4 s
+    args = ([1e9, 5e8], [1_000_000] * 2, [1_000_000] * 2, [2e10, 2e10], [FAST, FAST], SERVER)
+    assert split_step_time(*args) == pytest.approx(2.3 + 4.0)
+    # U-shaped: two messages each way, one latency each: up 0.2 + 1, down 0.2 + 0.1 -> 2.5 s
+    assert split_step_time(*args, messages=2) == pytest.approx(2.5 + 4.0)
+    # sl: the same work one client after the other
+    assert sequential_split_time(*args) == pytest.approx(2.3 + 1.8 + 4.0)
+
+
+def test_adapter_sync_and_declora_rounds():
+    # up in parallel (1.1 s each), 2 * 5e8 / 1e10 = 0.1 s averaging, one download of 0.2 s (0 bytes: skipped)
+    assert adapter_sync_time([1_000_000] * 2, [1_000_000, 0], [FAST, SLOW], SERVER, 5e8) == pytest.approx(1.4)
+    assert adapter_sync_time([], [1_000_000], [FAST], SERVER, 0) == pytest.approx(0.2)
+    # node 0: 1 s compute + two 1 MB messages (1.1 s each) = 3.2 s; node 1: 1 s + 1.1 s; no server
+    assert declora_round_time([1e9, 1e8], [[1_000_000] * 2, [1_000_000]], [FAST, SLOW]) == pytest.approx(3.2)
+    assert declora_round_time([1e9, 1e9], [[1_000_000], [1_000_000]], [FAST, SLOW]) == pytest.approx(10 + 1.1)
 
 
 def _sweep(tmp_path, runs, extra=None):
@@ -66,3 +101,20 @@ def test_compare_runs_and_reports(tmp_path, capsys):
     # a second call keeps finished runs instead of redoing them
     assert main(["compare", str(path), "--out", str(out)]) == 0
     assert "already complete" in capsys.readouterr().out
+
+
+def test_compare_jobs_runs_in_parallel_processes_with_the_same_results(tmp_path, capsys):
+    path = _sweep(tmp_path, [{"algorithm": "central"}, {"algorithm": "fedavg"}])
+    assert main(["compare", str(path), "--out", str(tmp_path / "seq")]) == 0
+    assert main(["compare", str(path), "--out", str(tmp_path / "par"), "--jobs", "2"]) == 0
+    assert "(log: " in capsys.readouterr().out
+    for name in ("0-central", "1-fedavg"):
+        seq = (tmp_path / "seq" / name / "metrics.jsonl").read_text().splitlines()
+        par = (tmp_path / "par" / name / "metrics.jsonl").read_text().splitlines()
+        for a, b in zip(map(json.loads, seq), map(json.loads, par), strict=True):
+            numbers = [k for k, v in a.items() if isinstance(v, float) and k != "wall_time_s"]
+            assert a.keys() == b.keys() and a["round"] == b["round"] and numbers
+            assert [b[k] for k in numbers] == pytest.approx([a[k] for k in numbers], rel=1e-5, abs=1e-6)
+    bad = _sweep(tmp_path, [{"data.name": "glue/mrpc", "data.path": str(tmp_path)}])  # no train.tsv there
+    assert main(["compare", str(bad), "--out", str(tmp_path / "bad"), "--jobs", "2"]) == 2
+    assert "sweep run(s) failed" in capsys.readouterr().err

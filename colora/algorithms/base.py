@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, DeviceProfile
 from ..types import AdapterState, RoundResult, TaskRunner
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ class Context:
     # Split learning (sl, splitlora): one split step at a time on the engine's cut model; built
     # only for algorithm classes that declare ``runner = "split"``.
     split: SplitRunner | None = None
+    # One device profile per client (colora.system.client_profiles): the cost model's rates.
+    devices: list[DeviceProfile] = field(default_factory=list)
 
 
 class Algorithm(ABC):
@@ -48,6 +50,10 @@ class Algorithm(ABC):
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.cfg = ctx.cfg
+
+    def device(self, k: int) -> DeviceProfile:
+        """Client ``k``'s device profile (``system.client`` when the context carries none)."""
+        return self.ctx.devices[k] if self.ctx.devices else self.cfg.system.client
 
     @abstractmethod
     def run_round(self, rnd: int) -> RoundResult:

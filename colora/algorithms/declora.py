@@ -160,7 +160,7 @@ class DecLoRA(Algorithm):
         else:
             self.states, sent = plain_gossip(trained, top)
         total = sum(sum(m) for m in sent)  # each message: sent once, received once
-        sim = declora_round_time([r.flops for r in results], sent, [cfg.system.client] * n)
+        sim = declora_round_time([r.flops for r in results], sent, [self.device(i) for i in range(n)])
         extra = {"consensus_distance": consensus_distance(self.states), "spectral_gap": top.gap}
         if cfg.gossip.eval_clients and self.eval_due(rnd):
             extra.update(self._eval_clients())

@@ -79,7 +79,7 @@ class FedAvg(Algorithm):
             self.ranked.aggregate(states, weights)
             extra["global_rank"] = lora_rank(self.ranked.state)
         sim = fedavg_round_time(
-            [r.flops for r in results], ups, downs, [cfg.system.client] * len(results), cfg.system.server,
+            [r.flops for r in results], ups, downs, [self.device(r.client_id) for r in results], cfg.system.server,
             sum(v.numel() for s in states for v in s.values()),
         )
         loss = float(np.average([r.loss for r in results], weights=weights))

@@ -33,10 +33,11 @@ class SL(SplitAlgorithm):
     def run_round(self, rnd: int) -> RoundResult:
         cfg, split = self.cfg, self.split
         order = sample_clients(cfg.seed, rnd, cfg.clients.num, cfg.clients.per_round)
-        lr, device = lr_at(cfg.train, rnd, cfg.rounds), cfg.system.client
+        lr = lr_at(cfg.train, rnd, cfg.rounds)
         up = down = 0
         sim, losses = 0.0, []
         for k in order:
+            device = self.device(k)
             split.begin([k], [self.client_steps[k]], fresh_optimizers=cfg.train.client_optimizer == "reset")
             handoff = payload_nbytes(self.client_state)  # the client-side adapter, relayed to this client
             down, sim = down + handoff, sim + download_time(handoff, device)

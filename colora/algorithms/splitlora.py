@@ -107,7 +107,7 @@ class SplitLoRA(SplitAlgorithm):
         sampled = sample_clients(cfg.seed, rnd, cfg.clients.num, cfg.clients.per_round)
         steps, lr, every = cfg.train.local_steps, lr_at(cfg.train, rnd, cfg.rounds), cfg.split.aggregate_every
         weights = [float(self.ctx.client_sizes[k]) if cfg.federation.weighting == "samples" else 1.0 for k in sampled]
-        devices = [cfg.system.client] * len(sampled)
+        devices = [self.device(k) for k in sampled]
         split.begin(sampled, [self.client_steps[k] for k in sampled], fresh_optimizers=cfg.train.client_optimizer == "reset")
         clients = [self.client_state] * len(sampled)
         servers = [self.server_state] * (len(sampled) if self.per_client else 1)

@@ -21,8 +21,10 @@ from ..config import ColoraError, Config
 from ..data import label_histogram, load_task, partition
 from ..models import load_base_model, load_tokenizer
 from ..nlg import generation_metrics
+from ..quantize import resident_nbytes
 from ..ranks import assign_ranks, rank_rule_name
 from ..split.trainer import SplitTrainer
+from ..system import ModelShape, client_profiles, memory_report, training_memory
 from ..train import LocalTrainer, encode, evaluate
 
 
@@ -53,14 +55,16 @@ class InProcessEngine:
         self.parts = self._partition(len(train))
         algo_cls = get_algorithm(cfg.algorithm)
         train_parts = [np.arange(len(train))] if algo_cls.pooled_data else self.parts
+        self.devices = client_profiles(cfg)
         self.ranks = [cfg.model.lora.r] if algo_cls.pooled_data else self._assign_ranks()
         for r in sorted(set(self.ranks)):
             self.adapters.ensure(r)
         self.trainer = LocalTrainer(self.model, self.slots, train, train_parts, cfg.train, cfg.seed, self.adapters)
         self.split = SplitTrainer(self.model, self.slots, train, train_parts, cfg) if algo_cls.runner == "split" else None
+        self.memory = self._memory_check(algo_cls.pooled_data)
         ctx = Context(cfg, self.trainer, self.slots.get(), [len(p) for p in train_parts], self.slots.num_params(), self.evaluate,
                       client_ranks=self.ranks, initial_state_at=self.adapters.initial_state,
-                      split=self.split)
+                      split=self.split, devices=self.devices)
         self.algorithm = algo_cls(ctx)
 
     def _partition(self, n: int) -> list[np.ndarray]:
@@ -76,8 +80,37 @@ class InProcessEngine:
     def _assign_ranks(self) -> list[int]:
         cfg, init = self.cfg, self.adapters.initial_state(self.adapters.default_rank)
         base_params = sum(p.numel() for p in self.model.parameters()) - self.slots.num_params()
-        return assign_ranks(cfg.federation, cfg.model.lora.r, [len(p) for p in self.parts], [cfg.system.client] * cfg.clients.num,
+        return assign_ranks(cfg.federation, cfg.model.lora.r, [len(p) for p in self.parts], self.devices,
                             base_params, lambda r: adapter_params_at(init, r))
+
+    def _memory_check(self, pooled: bool) -> dict:
+        """Estimated training memory of every client's part against its profile (colora.system).
+
+        Pooled training (central) runs on the server, so its one "client" is the server profile."""
+        cfg, mc = self.cfg, self.model.config
+        trainable = [p for n, p in self.model.named_parameters() if "lora_" in n or "modules_to_save" in n]
+        base_bytes = resident_nbytes(self.model) - sum(p.numel() * p.element_size() for p in trainable)
+        blocks, init = mc.num_hidden_layers, self.adapters.initial_state(self.adapters.default_rank)
+        adapters = [adapter_params_at(init, r) for r in self.ranks]
+        if self.split is not None:  # a split client holds the embeddings and blocks [0, layer) only
+            acc = self.split.accounting
+            total = sum(p.numel() for p in self.model.parameters())
+            base_bytes *= (acc["client_params"] - acc["client_adapter_params"]) / (total - self.slots.num_params())
+            blocks, adapters = acc["layer"], [acc["client_adapter_params"]] * len(self.ranks)
+        shapes = [ModelShape(base_bytes, a, blocks, mc.hidden_size, mc.num_attention_heads) for a in adapters]
+        need = [training_memory(s, cfg.train.batch_size, cfg.data.max_length) for s in shapes]
+        report = memory_report([cfg.system.server] if pooled else self.devices, need)
+        if report["over"] and cfg.system.enforce_memory:
+            k = report["over"][0]
+            raise ColoraError(f"system.enforce_memory: {len(report['over'])} of {len(need)} clients cannot hold their part of the "
+                              f"model (client {k} needs ~{report['need_gb'][k]:.2f} GB, has memory_gb={report['memory_gb'][k]}); "
+                              f"use a larger device profile, a smaller batch or data.max_length, or split.layer")
+        return report
+
+    def system_report(self) -> dict:
+        """Server and per-client device profiles and the memory check (saved as system.json)."""
+        return {"preset": self.cfg.system.preset, "server": self.cfg.system.server.model_dump(),
+                "clients": [d.model_dump() for d in self.devices], "memory": self.memory}
 
     def partition_report(self) -> dict:
         """Per-client sizes and label histograms (saved as partition.json, printed at start)."""
@@ -158,6 +191,7 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
     engine = InProcessEngine(cfg)
     algo, counters = engine.algorithm, {"bytes_up": 0, "bytes_down": 0, "sim_time_s": 0.0, "wall_time_s": 0.0}
     losses: list[float] = []  # train losses since the last eval row
+    log = rundir.MetricsLog(run_dir, cfg.log.tensorboard)
     if resume is not None:
         ckpt = rundir.load_checkpoint(run_dir)
         algo.load_state_dict(ckpt["algorithm"])
@@ -168,9 +202,15 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
         rundir.write_config(run_dir, cfg)
         info = engine.partition_report()
         rundir.write_json(run_dir, "partition.json", info)
+        rundir.write_json(run_dir, "system.json", engine.system_report())
         tqdm.write(_partition_text(cfg, info))
+        if engine.memory["over"]:
+            over, mem = engine.memory["over"], engine.memory
+            tqdm.write(f"colora: warning: {len(over)} of {len(mem['need_gb'])} clients may not hold their part of the model "
+                       f"(e.g. client {over[0]}: ~{mem['need_gb'][over[0]]:.2f} GB needed, memory_gb={mem['memory_gb'][over[0]]}); "
+                       f"system.enforce_memory: true stops such runs")
         start, rows = 0, [{"round": 0, **counters, "train_loss": None, **engine.evaluate(algo.global_state())}]
-        rundir.append_metrics(run_dir, rows[0])
+        log.append(rows[0])
         tqdm.write(_log_line(rows[0], cfg.rounds))
     began = time.perf_counter() - counters["wall_time_s"]
     bar = tqdm(range(start + 1, cfg.rounds + 1), initial=start, total=cfg.rounds, desc=cfg.algorithm,
@@ -186,7 +226,7 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             row.update(engine.evaluate(algo.global_state()))
             rows.append(row)
-            rundir.append_metrics(run_dir, row)
+            log.append(row)
             losses = []
             bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in row.items() if k.startswith("eval/")})
         tqdm.write(_log_line(row, cfg.rounds))
@@ -194,8 +234,10 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
                                          "counters": counters, "losses": losses})
         if stop_after is not None and rnd >= stop_after and rnd < cfg.rounds:
             bar.close()
+            log.close()
             return run_dir
     bar.close()
+    log.close()
     engine.export(algo.global_state(), run_dir / "adapter")
     rundir.write_json(run_dir, "summary.json", rundir.summarize(cfg, rows, engine.main_metric, counters, extra=algo.summary()))
     return run_dir
