@@ -1,0 +1,41 @@
+"""The equal-budget MRPC sweep shared by benchmarks/split.py and benchmarks/time_to_target.py.
+
+``examples/time_to_target.yaml``: MiniLM-L6, 10 IID clients, 2 sampled per round, 40 rounds, the
+same 1200 batches of 16 for central, fedavg, sl and splitlora (shared and per_client server).
+Both scripts run it into the same ``--out`` folder, so whichever runs second reuses the runs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from colora.compare import load_sweep, run_sweep
+from colora.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "examples" / "time_to_target.yaml"
+
+
+def sweep_configs(overrides: dict | None = None, sweep: Path = SWEEP) -> list[tuple[str, Config]]:
+    """The sweep's (name, config) list with extra dotted ``overrides`` on every run (e.g. a smoke size)."""
+    raw = yaml.safe_load(sweep.read_text())
+    raw["base"] = str((sweep.parent / raw["base"]).resolve())
+    raw["set"] = {**raw.get("set", {}), **(overrides or {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / sweep.name
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return load_sweep(path)
+
+
+def run(out: Path, jobs: int, overrides: dict | None = None) -> list[tuple[Config, Path]]:
+    """Run (or reuse) every run of the sweep under ``out``; returns (config, run directory) pairs."""
+    runs = sweep_configs(overrides)
+    return list(zip([cfg for _, cfg in runs], run_sweep(runs, out, jobs)))
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``--set key=value`` pairs (values parsed as YAML), as colora run takes them."""
+    return {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in items)}
