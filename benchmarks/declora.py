@@ -102,8 +102,8 @@ def _per_round(s: dict, rounds: int) -> str:
 
 def section_topology(args, common: dict, tmp: Path) -> None:
     jobs = {}
-    for part, extra in (("iid", {"clients.partition": "iid"}),
-                        ("dir0.5", {"clients.partition": "dirichlet", "clients.alpha": 0.5})):
+    partitions = {"iid": {"clients.partition": "iid"}, "dir0.5": {"clients.partition": "dirichlet", "clients.alpha": 0.5}}
+    for part, extra in ((p, partitions[p]) for p in args.partitions):
         base = {**common, **extra}
         jobs[f"{part}/fedavg"] = (tmp / f"t-{part}-fedavg", {**base, "algorithm": "fedavg",
                                                               "federation.weighting": args.fedavg_weighting})
@@ -123,7 +123,8 @@ def section_topology(args, common: dict, tmp: Path) -> None:
 
 def section_compression(args, common: dict, tmp: Path) -> None:
     base = {**common, "algorithm": "declora", "gossip.topology": "ring", "clients.partition": "iid"}
-    jobs = {"full precision": (tmp / "c-full", base),
+    # the same run as the topology section's IID ring: one run directory serves both tables
+    jobs = {"full precision": (tmp / "t-iid-ring", base),
             "8-bit CHOCO": (tmp / "c-8bit", {**base, "gossip.quantize_bits": 8, "gossip.gamma": args.gamma}),
             "4-bit CHOCO": (tmp / "c-4bit", {**base, "gossip.quantize_bits": 4, "gossip.gamma": args.gamma})}
     res = run_all(jobs, args.jobs)
@@ -181,12 +182,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--out", default=None, help="folder for the run directories (default: a temporary folder)")
+    p.add_argument("--partitions", nargs="+", choices=["iid", "dir0.5"], default=["iid", "dir0.5"],
+                   help="client partitions of the topology section")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every run, e.g. train.client_optimizer=keep")
     args = p.parse_args()
     if not Path(args.data).is_dir():
         raise SystemExit(f"--data {args.data}: no such folder")
     common = {"data.path": args.data, "model.name": args.model, "seed": args.seed, "rounds": args.rounds,
               "clients.num": args.clients, "clients.per_round": args.clients, "train.local_steps": args.local_steps,
               "train.lr": args.lr, "eval.every": min(args.eval_every, args.rounds)}
+    common.update(k_v for k_v in (tuple(s.split("=", 1)) for s in args.sets))
     if args.max_train:
         common["data.max_train"] = args.max_train
     if args.max_eval:

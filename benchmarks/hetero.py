@@ -1,11 +1,12 @@
 """Heterogeneous-rank federated LoRA on GLUE: final dev accuracy per aggregation rule, mean ± std over seeds.
 
-MiniLM-L6, 20 clients, Dirichlet(0.5) label skew, every client sampled each round. Runs:
+MiniLM-L6, 20 clients, Dirichlet(0.5) label skew, ``--per-round`` of them sampled each round (default all). Runs:
 - ``fedit-r2`` / ``fedit-r8``: homogeneous LoRA at rank 2 / 8 (the low and high references);
 - ``zero_pad`` (HetLoRA), ``svd`` (FlexLoRA), ``stack`` (FLoRA): ranks {2, 4, 8} assigned by client id
   (client k gets (2, 4, 8)[k mod 3]), independent of data size;
 - ``hlora``: ``svd`` with HLoRA's data-size rule (data-size tertiles get 2, 4, 8).
-Each run is a fresh ``colora run`` process; results land in OUT/results.json and a table is printed.
+Runs go through ``colora.compare.run_sweep`` (``--jobs`` processes at once; finished runs under ``--out``
+are kept); results land in OUT/results.json and a table is printed.
 
     python benchmarks/hetero.py [--tasks mrpc sst2] [--rounds 20] [--steps 10] [--seeds 3] [--max-train N]
     python benchmarks/hetero.py --rounds 1 --seeds 1 --max-train 200 --max-eval 64   # smoke test
@@ -16,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import yaml
+from colora.compare import run_sweep
+from colora.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "glue"
@@ -41,22 +41,12 @@ def run_config(task: str, rule: str, seed: int, args) -> dict:
                   "lora": {"r": 2 if rule == "fedit-r2" else 8, "alpha": 16, "target_modules": ["query", "value"]}},
         "data": {"name": name, "path": str(Path(args.data) / folder), "max_length": 128,
                  "max_train": args.max_train, "max_eval": args.max_eval},
-        "clients": {"num": args.clients, "per_round": args.clients, "partition": "dirichlet", "alpha": 0.5},
+        "clients": {"num": args.clients, "per_round": args.per_round or args.clients, "partition": "dirichlet", "alpha": 0.5},
         "train": {"local_steps": args.steps, "batch_size": 16, "lr": args.lr, "optimizer": "adamw"},
         "federation": fed,
         "eval": {"every": args.rounds},
         "log": {"progress": False},
     }
-
-
-def colora_run(cfg: dict, out: Path) -> dict:
-    """Run one experiment in a fresh process; return its summary.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "colora", "run", str(path), "--out", str(out / "run")], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
-    return json.loads((out / "run" / "summary.json").read_text())
 
 
 def main() -> None:
@@ -67,21 +57,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="local optimizer steps per client per round")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--per-round", type=int, default=None, help="clients sampled per round (default: all)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
     p.add_argument("--max-train", type=int, default=None, help="cap on training examples (default: all)")
     p.add_argument("--max-eval", type=int, default=None, help="cap on dev examples (default: all)")
     p.add_argument("--data", default=str(DATA), help="folder holding the GLUE task folders (MRPC, SST-2)")
     p.add_argument("--out", default=None, help="where runs and results.json go (default: a temp folder)")
     args = p.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="colora-hetero-"))
+    keys = [(task, rule, seed) for task in args.tasks for rule in args.rules for seed in range(args.seeds)]
+    runs = [(f"{t}-{r}-s{s}", build_config(run_config(t, r, s, args))) for t, r, s in keys]
+    dirs = run_sweep(runs, out, args.jobs)  # finished runs under --out are kept
     results: dict[str, dict[str, list[float]]] = {}
-    for task in args.tasks:
-        for rule in args.rules:
-            for seed in range(args.seeds):
-                summary = colora_run(run_config(task, rule, seed, args), out / task / rule / f"seed{seed}")
-                results.setdefault(task, {}).setdefault(rule, []).append(summary["final"]["eval/accuracy"])
-                (out / "results.json").write_text(json.dumps({"args": vars(args), "accuracy": results}, indent=2))
-    print(f"\nfinal dev accuracy, minilm-l6, {args.clients} clients, Dirichlet 0.5, {args.rounds} rounds x {args.steps} "
+    for (task, rule, _), run_dir in zip(keys, dirs):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        results.setdefault(task, {}).setdefault(rule, []).append(summary["final"]["eval/accuracy"])
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "accuracy": results}, indent=2))
+    print(f"\nfinal dev accuracy, minilm-l6, {args.clients} clients ({args.per_round or args.clients} per round), Dirichlet 0.5, "
+          f"{args.rounds} rounds x {args.steps} "
           f"local steps, mean ± std over {args.seeds} seed(s); runs in {out}")
     print(f"{'rule':<12}" + "".join(f"{t:>18}" for t in args.tasks))
     for rule in args.rules:
