@@ -7,13 +7,10 @@
   groups (tertiles for three ranks), the smallest group getting the smallest rank. A client's
   position is its mid-rank, so clients of equal size always share a rank (all equal: the middle
   rank of the set).
-- ``resource``: each client gets the largest rank of ``rank_set`` whose training memory fits its
-  own device profile's ``memory_gb`` (estimate below); profiles differ across clients through
-  ``system.heterogeneity`` (e.g. ``fields: [memory_gb]``, colora.system).
-
-Training memory estimate (bytes): 4 per frozen base parameter (fp32 weights) plus 16 per adapter
-parameter (fp32 weight, gradient and AdamW's two moments). Activations are not counted: they depend
-on batch and sequence length, not on the rank, and are the same for every rank choice.
+- ``resource``: each client gets the largest rank of ``rank_set`` whose training memory (the
+  estimate of ``colora.system.training_memory``: base weights, adapter state, activations) fits its
+  own device profile's ``memory_gb``; profiles differ across clients through
+  ``system.heterogeneity`` (e.g. ``fields: [memory_gb]``).
 """
 
 from __future__ import annotations
@@ -37,21 +34,15 @@ def data_size_ranks(sizes: list[int], rank_set: list[int]) -> list[int]:
     return [ranks[int(g)] for g in groups]
 
 
-def training_bytes(base_params: int, adapter_params: int) -> float:
-    """Estimated memory of local LoRA training: fp32 frozen base + adapter with grads and AdamW moments."""
-    return 4.0 * base_params + 16.0 * adapter_params
-
-
-def resource_ranks(profiles: list[DeviceProfile], rank_set: list[int], base_params: int,
-                   adapter_params_at: Callable[[int], int]) -> list[int]:
-    """The largest rank of ``rank_set`` whose training memory fits each client's ``memory_gb``."""
+def resource_ranks(profiles: list[DeviceProfile], rank_set: list[int], need_at: Callable[[int], float]) -> list[int]:
+    """The largest rank of ``rank_set`` whose training memory ``need_at(rank)`` (bytes) fits each client's ``memory_gb``."""
     out = []
     for k, prof in enumerate(profiles):
-        fits = [r for r in sorted(set(rank_set)) if training_bytes(base_params, adapter_params_at(r)) <= prof.memory_gb * 1e9]
+        fits = [r for r in sorted(set(rank_set)) if need_at(r) <= prof.memory_gb * 1e9]
         if not fits:
-            need = training_bytes(base_params, adapter_params_at(min(rank_set))) / 1e9
+            need = need_at(min(rank_set)) / 1e9
             raise ColoraError(f"system.client.memory_gb={prof.memory_gb}: client {k} cannot train even rank "
-                              f"{min(rank_set)} (needs ~{need:.2f} GB); lower federation.rank_set or use a smaller model")
+                              f"{min(rank_set)} (needs ~{need:.3g} GB); lower federation.rank_set or use a smaller model")
         out.append(fits[-1])
     return out
 
@@ -64,13 +55,14 @@ def rank_rule_name(fed: FederationConfig) -> str:
 
 
 def assign_ranks(fed: FederationConfig, default_rank: int, sizes: list[int], profiles: list[DeviceProfile],
-                 base_params: int, adapter_params_at: Callable[[int], int]) -> list[int]:
-    """One LoRA rank per client (``sizes``: local data set sizes; ``profiles``: device profiles)."""
+                 need_at: Callable[[int], float]) -> list[int]:
+    """One LoRA rank per client (``sizes``: local data set sizes; ``profiles``: device profiles;
+    ``need_at(rank)``: training memory in bytes at that rank, for the resource rule)."""
     rule = rank_rule_name(fed)
     if rule == "explicit":
         return list(fed.ranks)
     if rule == "data_size":
         return data_size_ranks(sizes, fed.rank_set)
     if rule == "resource":
-        return resource_ranks(profiles, fed.rank_set, base_params, adapter_params_at)
+        return resource_ranks(profiles, fed.rank_set, need_at)
     return [default_rank] * len(sizes)

@@ -269,14 +269,12 @@ def test_data_size_ranks_give_more_data_higher_ranks():
 
 
 def test_resource_ranks_take_the_largest_rank_that_fits_memory():
-    per_rank = lambda r: 1000 * r  # noqa: E731
     prof = lambda gb: DeviceProfile(flops=1e12, up_mbps=1, down_mbps=1, latency_s=0, memory_gb=gb)  # noqa: E731
-    # base 1e8 params = 0.4 GB; rank r adds 16 * 1000 r bytes
-    need = lambda r: (4e8 + 16 * per_rank(r)) / 1e9  # noqa: E731
-    assert resource_ranks([prof(8), prof(8)], [2, 4, 8], 10**8, per_rank) == [8, 8]
-    assert resource_ranks([prof(need(4)), prof(need(8))], [2, 4, 8], 10**8, per_rank) == [4, 8]
+    need_at = lambda r: 4e8 + 16_000 * r  # noqa: E731  (bytes at rank r)
+    assert resource_ranks([prof(8), prof(8)], [2, 4, 8], need_at) == [8, 8]
+    assert resource_ranks([prof(need_at(4) / 1e9), prof(need_at(8) / 1e9)], [2, 4, 8], need_at) == [4, 8]
     with pytest.raises(ColoraError, match="memory_gb"):
-        resource_ranks([prof(0.1)], [2, 4, 8], 10**8, per_rank)
+        resource_ranks([prof(0.1)], [2, 4, 8], need_at)
 
 
 # --- end to end: fedavg with ranks [2, 4, 8] on tiny-bert --------------------------------------

@@ -148,3 +148,22 @@ def test_tensorboard_scalars_mirror_metrics_jsonl(tmp_path):
     assert [s for s, _ in scalars["eval/accuracy"]] == [r["round"] for r in rows]
     assert [v for _, v in scalars["eval/loss"]] == pytest.approx([r["eval/loss"] for r in rows], rel=1e-6)
     assert [v for _, v in scalars["bytes_up"]] == pytest.approx([r["bytes_up"] for r in rows])
+
+
+def test_resource_rank_rule_follows_each_clients_own_memory():
+    from colora.adapters import adapter_params_at
+
+    probe = InProcessEngine(tiny_config())
+    init = probe.adapters.initial_state(probe.adapters.default_rank)
+    need = {r: training_memory(probe._shape(adapter_params_at(init, r)), 8, 48) for r in (2, 4, 8)}
+    # memory uniform inside (need at rank 2, need at rank 8): every client fits rank 2, none rank 8
+    mid, spread = (need[2] + need[8]) / 2, 0.999 * (need[8] - need[2]) / (need[2] + need[8])
+    cfg = tiny_config(clients__num=12, clients__per_round=12, federation__rank_rule="resource",
+                      federation__aggregator="svd", federation__rank_set=[2, 4, 8],
+                      system__client={"memory_gb": mid / 1e9},
+                      system__heterogeneity={"distribution": "uniform", "spread": spread, "fields": ["memory_gb"]})
+    engine = InProcessEngine(cfg)
+    assert set(engine.ranks) == {2, 4}
+    for rank, device in zip(engine.ranks, engine.devices):
+        assert need[rank] <= device.memory_gb * 1e9
+        assert all(need[r] > device.memory_gb * 1e9 for r in (2, 4, 8) if r > rank)

@@ -79,25 +79,31 @@ class InProcessEngine:
 
     def _assign_ranks(self) -> list[int]:
         cfg, init = self.cfg, self.adapters.initial_state(self.adapters.default_rank)
-        base_params = sum(p.numel() for p in self.model.parameters()) - self.slots.num_params()
-        return assign_ranks(cfg.federation, cfg.model.lora.r, [len(p) for p in self.parts], self.devices,
-                            base_params, lambda r: adapter_params_at(init, r))
+        need_at = lambda r: training_memory(self._shape(adapter_params_at(init, r)), cfg.train.batch_size, cfg.data.max_length)  # noqa: E731
+        return assign_ranks(cfg.federation, cfg.model.lora.r, [len(p) for p in self.parts], self.devices, need_at)
+
+    def _shape(self, adapter_params: int, client_part: bool = False) -> ModelShape:
+        """The memory estimate's view of the whole model, or of a split client's part of it."""
+        mc = self.model.config
+        trainable = [p for n, p in self.model.named_parameters() if "lora_" in n or "modules_to_save" in n]
+        base_bytes = resident_nbytes(self.model) - sum(p.numel() * p.element_size() for p in trainable)
+        blocks = mc.num_hidden_layers
+        if client_part:  # a split client holds the embeddings and blocks [0, layer) only
+            acc = self.split.accounting
+            total = sum(p.numel() for p in self.model.parameters())
+            base_bytes *= (acc["client_params"] - acc["client_adapter_params"]) / (total - self.slots.num_params())
+            blocks = acc["layer"]
+        return ModelShape(base_bytes, adapter_params, blocks, mc.hidden_size, mc.num_attention_heads)
 
     def _memory_check(self, pooled: bool) -> dict:
         """Estimated training memory of every client's part against its profile (colora.system).
 
         Pooled training (central) runs on the server, so its one "client" is the server profile."""
-        cfg, mc = self.cfg, self.model.config
-        trainable = [p for n, p in self.model.named_parameters() if "lora_" in n or "modules_to_save" in n]
-        base_bytes = resident_nbytes(self.model) - sum(p.numel() * p.element_size() for p in trainable)
-        blocks, init = mc.num_hidden_layers, self.adapters.initial_state(self.adapters.default_rank)
-        adapters = [adapter_params_at(init, r) for r in self.ranks]
-        if self.split is not None:  # a split client holds the embeddings and blocks [0, layer) only
-            acc = self.split.accounting
-            total = sum(p.numel() for p in self.model.parameters())
-            base_bytes *= (acc["client_params"] - acc["client_adapter_params"]) / (total - self.slots.num_params())
-            blocks, adapters = acc["layer"], [acc["client_adapter_params"]] * len(self.ranks)
-        shapes = [ModelShape(base_bytes, a, blocks, mc.hidden_size, mc.num_attention_heads) for a in adapters]
+        cfg, init = self.cfg, self.adapters.initial_state(self.adapters.default_rank)
+        if self.split is not None:
+            shapes = [self._shape(self.split.accounting["client_adapter_params"], client_part=True)] * len(self.ranks)
+        else:
+            shapes = [self._shape(adapter_params_at(init, r)) for r in self.ranks]
         need = [training_memory(s, cfg.train.batch_size, cfg.data.max_length) for s in shapes]
         report = memory_report([cfg.system.server] if pooled else self.devices, need)
         if report["over"] and cfg.system.enforce_memory:
