@@ -109,7 +109,7 @@ class InProcessEngine:
         if report["over"] and cfg.system.enforce_memory:
             k = report["over"][0]
             raise ColoraError(f"system.enforce_memory: {len(report['over'])} of {len(need)} clients cannot hold their part of the "
-                              f"model (client {k} needs ~{report['need_gb'][k]:.2f} GB, has memory_gb={report['memory_gb'][k]}); "
+                              f"model (client {k} needs ~{report['need_gb'][k]:.3g} GB, has memory_gb={report['memory_gb'][k]}); "
                               f"use a larger device profile, a smaller batch or data.max_length, or split.layer")
         return report
 
@@ -213,7 +213,7 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
         if engine.memory["over"]:
             over, mem = engine.memory["over"], engine.memory
             tqdm.write(f"colora: warning: {len(over)} of {len(mem['need_gb'])} clients may not hold their part of the model "
-                       f"(e.g. client {over[0]}: ~{mem['need_gb'][over[0]]:.2f} GB needed, memory_gb={mem['memory_gb'][over[0]]}); "
+                       f"(e.g. client {over[0]}: ~{mem['need_gb'][over[0]]:.3g} GB needed, memory_gb={mem['memory_gb'][over[0]]}); "
                        f"system.enforce_memory: true stops such runs")
         start, rows = 0, [{"round": 0, **counters, "train_loss": None, **engine.evaluate(algo.global_state())}]
         log.append(rows[0])
