@@ -92,7 +92,7 @@ def main() -> None:
         cells = []
         for preset in profiles:
             t = table[preset][i]
-            cells.append("not reached" if t is None else f"{t:,.1f}" + (f" [{ranks[preset][i]}]" if i in ranks[preset] else ""))
+            cells.append("not reached" if t is None else f"{t:,.4g}" + (f" [{ranks[preset][i]}]" if i in ranks[preset] else ""))
         print(f"{name:<28}" + "".join(f"{c:>24}" for c in cells))
     for preset in profiles:
         best = min(ranks[preset], key=ranks[preset].get) if ranks[preset] else None
