@@ -17,7 +17,7 @@ from ..config import ColoraError
 from ..costmodel import download_time, sequential_split_time, upload_time
 from ..schedule import lr_at
 from ..split.types import SplitJob
-from ..types import AdapterState, RoundResult
+from ..types import RoundResult
 from .base import sample_clients
 from .splitlora import SplitAlgorithm
 
@@ -59,17 +59,5 @@ class SL(SplitAlgorithm):
         weights = [float(self.ctx.client_sizes[k]) if cfg.federation.weighting == "samples" else 1.0 for k in order]
         return RoundResult(float(np.average(losses, weights=weights)), up, down, sim, {"clients": len(order)})
 
-    def global_state(self) -> AdapterState:
-        return {**self.client_state, **self.server_state}
-
     def summary(self) -> dict:
         return self.stats.summary(self.split.accounting, {"server": "shared", "activation_dtype": self.cfg.split.activation_dtype})
-
-    def state_dict(self) -> dict:
-        return {"client": self.client_state, "server": self.server_state, "client_steps": self.client_steps,
-                "totals": self.stats.totals}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.client_state, self.server_state = state["client"], state["server"]
-        self.client_steps = list(state["client_steps"])
-        self.stats.totals = dict(state["totals"])

@@ -93,6 +93,20 @@ class SplitAlgorithm(Algorithm):
         self.client_steps = [0] * self.cfg.clients.num
         self.stats = SplitTotals()
 
+    def global_state(self) -> AdapterState:
+        # The client and server parts are disjoint key sets of one peft adapter: the union is the
+        # adapter over the whole model.
+        return {**self.client_state, **self.server_state}
+
+    def state_dict(self) -> dict:
+        return {"client": self.client_state, "server": self.server_state, "client_steps": self.client_steps,
+                "totals": self.stats.totals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.client_state, self.server_state = state["client"], state["server"]
+        self.client_steps = list(state["client_steps"])
+        self.stats.totals = dict(state["totals"])
+
 
 class SplitLoRA(SplitAlgorithm):
     name = "splitlora"
@@ -147,21 +161,7 @@ class SplitLoRA(SplitAlgorithm):
         self.stats.totals["adapter_bytes_down"] += sum(downs)
         return [avg] * len(clients), servers, (sum(ups), sum(downs), ups, downs, params)
 
-    def global_state(self) -> AdapterState:
-        # The client and server parts are disjoint key sets of one peft adapter: the union is the
-        # adapter over the whole model.
-        return {**self.client_state, **self.server_state}
-
     def summary(self) -> dict:
         return self.stats.summary(self.split.accounting, {"server": self.cfg.split.server,
                                                           "activation_dtype": self.cfg.split.activation_dtype,
                                                           "aggregate_every": self.cfg.split.aggregate_every})
-
-    def state_dict(self) -> dict:
-        return {"client": self.client_state, "server": self.server_state, "client_steps": self.client_steps,
-                "totals": self.stats.totals}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.client_state, self.server_state = state["client"], state["server"]
-        self.client_steps = list(state["client_steps"])
-        self.stats.totals = dict(state["totals"])
