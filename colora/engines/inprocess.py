@@ -8,6 +8,7 @@ in flight.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -82,12 +83,16 @@ class InProcessEngine:
         need_at = lambda r: training_memory(self._shape(adapter_params_at(init, r)), cfg.train.batch_size, cfg.data.max_length)  # noqa: E731
         return assign_ranks(cfg.federation, cfg.model.lora.r, [len(p) for p in self.parts], self.devices, need_at)
 
+    @functools.cached_property
+    def _base_bytes(self) -> int:
+        # Resident bytes of the frozen base (quantized if so): one walk over the model, not one per client.
+        trainable = [p for n, p in self.model.named_parameters() if "lora_" in n or "modules_to_save" in n]
+        return resident_nbytes(self.model) - sum(p.numel() * p.element_size() for p in trainable)
+
     def _shape(self, adapter_params: int, client_part: bool = False) -> ModelShape:
         """The memory estimate's view of the whole model, or of a split client's part of it."""
         mc = self.model.config
-        trainable = [p for n, p in self.model.named_parameters() if "lora_" in n or "modules_to_save" in n]
-        base_bytes = resident_nbytes(self.model) - sum(p.numel() * p.element_size() for p in trainable)
-        blocks = mc.num_hidden_layers
+        base_bytes, blocks = self._base_bytes, mc.num_hidden_layers
         if client_part:  # a split client holds the embeddings and blocks [0, layer) only
             acc = self.split.accounting
             total = sum(p.numel() for p in self.model.parameters())
@@ -103,7 +108,8 @@ class InProcessEngine:
         if self.split is not None:
             shapes = [self._shape(self.split.accounting["client_adapter_params"], client_part=True)] * len(self.ranks)
         else:
-            shapes = [self._shape(adapter_params_at(init, r)) for r in self.ranks]
+            per_rank = {r: self._shape(adapter_params_at(init, r)) for r in set(self.ranks)}
+            shapes = [per_rank[r] for r in self.ranks]
         need = [training_memory(s, cfg.train.batch_size, cfg.data.max_length) for s in shapes]
         report = memory_report([cfg.system.server] if pooled else self.devices, need)
         if report["over"] and cfg.system.enforce_memory:
