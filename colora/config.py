@@ -84,6 +84,10 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(None, gt=0)
     prox_mu: float = Field(0.0, ge=0)
+    # bf16: forward and backward under torch.autocast (matmuls in bfloat16, ~1.8x faster per step on
+    # CPUs with AVX512-BF16, half the activation memory); parameters, optimizer moments, aggregation
+    # and the bytes on the wire stay fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class FederationConfig(_Strict):

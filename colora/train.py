@@ -6,6 +6,7 @@ tensors (``AdapterSlots.load``), trained in place, and copied out again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -82,6 +83,15 @@ def encode(split: TextDataset, task: Task, tokenizer, max_length: int) -> Encode
         ids.append(row)
         lm.append(([-100] * len(prompt) + target)[:max_length])
     return Encoded(ids, None, None, lm, tokenizer.pad_token_id)
+
+
+def autocast(precision: str, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The compute context of ``train.precision``: bf16 autocast on the model's device, or nothing.
+
+    Only forward/backward run inside it; LoRA parameters and optimizer states stay fp32.
+    """
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @lru_cache(maxsize=4096)
@@ -196,7 +206,8 @@ class LocalTrainer:
         return float(loss.detach()), self._flops_by_shape[shape]
 
     def _loss(self, batch, anchor, slots: AdapterSlots) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        with autocast(self.cfg.precision, self.model):
+            loss = self.model(**batch).loss
         if anchor is not None and self.cfg.prox_mu > 0:
             # FedProx: mu/2 * ||theta - theta_global||^2 over the adapter (O(adapter) extra work).
             prox = sum(((p - anchor[k]) ** 2).sum() for k, p in slots.params.items())
@@ -205,7 +216,7 @@ class LocalTrainer:
 
 
 @torch.no_grad()
-def evaluate(model, data: Encoded, task: Task, batch_size: int) -> dict[str, float]:
+def evaluate(model, data: Encoded, task: Task, batch_size: int, precision: str = "fp32") -> dict[str, float]:
     """Eval loss and the task's metrics for the adapter currently loaded in ``model``."""
     model.eval()
     order = np.argsort([len(r) for r in data.input_ids], kind="stable")  # length-sorted: less padding
@@ -214,7 +225,8 @@ def evaluate(model, data: Encoded, task: Task, batch_size: int) -> dict[str, flo
         idx = order[start : start + batch_size]
         batch = data.collate(idx)
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
+        with autocast(precision, model):
+            logits = model(**batch).logits.float()
         if task.kind == "causal-lm":
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
             total_loss += float(torch.nn.functional.cross_entropy(

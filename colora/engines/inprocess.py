@@ -143,7 +143,8 @@ class InProcessEngine:
 
     def evaluate(self, state) -> dict[str, float]:
         self.adapters.load_for_eval(state)
-        metrics = evaluate(self.model, self.eval_data, self.task, self.cfg.train.eval_batch_size)
+        metrics = evaluate(self.model, self.eval_data, self.task, self.cfg.train.eval_batch_size,
+                           self.cfg.train.precision)
         if self.cfg.eval.generate:  # BLEU, NIST, ROUGE-L, CIDEr of greedy outputs (colora.nlg)
             metrics.update(generation_metrics(self.model, self.tokenizer, self.task.eval, self.cfg.eval.generate,
                                               self.cfg.eval.max_new_tokens))

@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..adapters import AdapterSlots
 from ..config import ColoraError, Config
-from ..train import Encoded, _torch_seed, batch_indices
+from ..train import Encoded, _torch_seed, autocast, batch_indices
 from ..types import AdapterState
 from .cut import ModelCut, SplitError
 from .types import SplitJob, SplitStepResult
@@ -146,10 +146,11 @@ class SplitTrainer:
         # FLOPs of each piece are counted once per batch shape (FlopCounterMode slows the pass).
         key = (chunk, shape)
         if key in self._flops:
-            yield
+            with autocast(self.train_cfg.precision, self.model):
+                yield
             return
         counter = FlopCounterMode(display=False)
-        with counter:
+        with counter, autocast(self.train_cfg.precision, self.model):
             yield
         self._flops[key] = float(counter.get_total_flops())
 
