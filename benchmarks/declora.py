@@ -19,7 +19,8 @@ a time; run directories land under ``--out``):
   the bytes, 4-bit within 1 point at <= 16%).
 - quantized: declora ring and fedavg, IID, on an fp32 / int8 / 4-bit frozen base: accuracy,
   resident bytes of the base (parameters, buffers and quantization statistics) and the run's
-  peak RSS. Needs ``pip install 'colora[quant]'`` (bitsandbytes).
+  peak RSS. The fp32 rows are the topology section's IID runs; ``--quant-rounds R`` runs the
+  quantized ones for R rounds and reads every run at round R. Needs ``pip install 'colora[quant]'`` (bitsandbytes).
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ CONFIG = ROOT / "examples" / "mrpc.yaml"
 DATA = ROOT.parent / "shared" / "data" / "glue" / "MRPC"
 
 
+def _log(out: Path) -> Path:
+    return out.parent / f"{out.name}.log"  # not with_suffix: "t-dir0.5-ring" has a dot
+
+
 def _argv(out: Path, overrides: dict) -> list[str]:
+    if (out / "checkpoint").is_dir():  # interrupted in an earlier invocation: continue it
+        return [sys.executable, "-m", "colora", "run", "--resume", str(out)]
     argv = [sys.executable, "-m", "colora", "run", str(CONFIG), "--out", str(out), "--set", "log.progress=false"]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={json.dumps(value) if isinstance(value, list) else value}"]
@@ -49,7 +56,8 @@ def _argv(out: Path, overrides: dict) -> list[str]:
 def run_all(jobs: dict[str, tuple[Path, dict]], parallel: int) -> dict[str, dict]:
     """Run every job (``parallel`` at a time, one thread each); per job its summary and last metrics row.
 
-    A job whose run directory already holds a summary.json is not run again."""
+    A job whose run directory already holds a summary.json is not run again; one with a checkpoint
+    is resumed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     pending, running, done = [], {}, {}
     for name, (out, over) in jobs.items():
@@ -60,7 +68,7 @@ def run_all(jobs: dict[str, tuple[Path, dict]], parallel: int) -> dict[str, dict
     while pending or running:
         while pending and len(running) < parallel:
             name, (out, over) = pending.pop(0)
-            log = open(out.with_suffix(".log"), "w")
+            log = open(_log(out), "w")
             running[name] = (subprocess.Popen(_argv(out, over), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
         for name, (proc, log) in list(running.items()):
             if proc.poll() is None:
@@ -69,7 +77,7 @@ def run_all(jobs: dict[str, tuple[Path, dict]], parallel: int) -> dict[str, dict
             del running[name]
             out = jobs[name][0]
             if proc.returncode != 0:
-                raise SystemExit(f"run {name} failed (exit {proc.returncode}); see {out.with_suffix('.log')}")
+                raise SystemExit(f"run {name} failed (exit {proc.returncode}); see {_log(out)}")
             done[name] = _result(out)
         time.sleep(0.5)
     return {name: done[name] for name in jobs}
@@ -147,20 +155,38 @@ def _resident_mb(model: str, mode: str) -> float:
     return resident_nbytes(load_base_model(cfg.model, 2, load_tokenizer(cfg.model))) / 1e6
 
 
+def _row_at(out: Path, round_: int) -> dict:
+    """The metrics row of evaluation round ``round_`` (a run's trajectory up to it does not depend on
+    how many rounds follow: the learning rate is constant)."""
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["round"] == round_ and "eval/accuracy" in row:
+            return row
+    raise SystemExit(f"{out}: no evaluation at round {round_} (eval.every must divide --quant-rounds)")
+
+
 def section_quantized(args, common: dict, tmp: Path) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         print("\n[quantized] skipped: bitsandbytes is not installed (pip install 'colora[quant]')")
         return
-    jobs = {}
-    for mode in ("none", "int8", "4bit"):
-        base = {**common, "clients.partition": "iid", "model.quantize": mode}
-        jobs[f"{mode}/declora-ring"] = (tmp / f"q-{mode}-ring", {**base, "algorithm": "declora", "gossip.topology": "ring"})
-        jobs[f"{mode}/fedavg"] = (tmp / f"q-{mode}-fedavg", {**base, "algorithm": "fedavg"})
+    rounds = args.quant_rounds or args.rounds
+    iid = {**common, "clients.partition": "iid"}
+    algos = {"declora-ring": {"algorithm": "declora", "gossip.topology": "ring"},
+             "fedavg": {"algorithm": "fedavg", "federation.weighting": args.fedavg_weighting}}
+    # the fp32 runs are the topology section's IID runs, read at round `rounds`
+    jobs = {f"none/{a}": (tmp / f"t-iid-{a.removeprefix('declora-')}", {**iid, **over}) for a, over in algos.items()}
+    for mode in ("int8", "4bit"):
+        for a, over in algos.items():
+            jobs[f"{mode}/{a}"] = (tmp / f"q-{mode}-{a.removeprefix('declora-')}",
+                                   {**iid, **over, "model.quantize": mode, "rounds": rounds})
     res = run_all(jobs, args.jobs)
     resident = {mode: _resident_mb(args.model, mode) for mode in ("none", "int8", "4bit")}
-    rows = [[name, _metric(s, "accuracy"), _metric(s, "f1"), f"{resident[name.split('/')[0]]:.1f}",
-             f"{s['peak_rss_mb']:.0f}"] for name, s in res.items()]
-    _table(f"quantized frozen base: {args.model}, {args.clients} IID clients",
+    rows = []
+    for name, s in res.items():
+        row = _row_at(jobs[name][0], rounds)
+        rows.append([name, f"{100 * row['eval/accuracy']:.2f}", f"{100 * row['eval/f1']:.2f}",
+                     f"{resident[name.split('/')[0]]:.1f}", f"{s['peak_rss_mb']:.0f}"])
+    _table(f"quantized frozen base: {args.model}, {args.clients} IID clients, accuracy after {rounds} rounds",
            ["run", "acc %", "F1 %", "base MB", "peak RSS MB"], rows)
 
 
@@ -176,6 +202,9 @@ def main() -> None:
     p.add_argument("--fedavg-weighting", choices=["uniform", "samples"], default="uniform",
                    help="fedavg's aggregation weights; uniform matches declora's doubly stochastic W (every node counts once)")
     p.add_argument("--gamma", type=float, default=1.0, help="CHOCO consensus step size (gossip.gamma)")
+    p.add_argument("--quant-rounds", type=int, default=None,
+                   help="rounds of the quantized section's int8/4-bit runs (default --rounds); the fp32 runs are "
+                        "the topology section's IID runs, read at that round")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--max-train", type=int, default=None, help="cap the training set (smoke runs)")
     p.add_argument("--max-eval", type=int, default=None, help="cap the dev set (smoke runs)")
