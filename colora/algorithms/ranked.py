@@ -23,13 +23,14 @@ from ..types import AdapterState
 class RankedServer:
     """Global adapter at the largest client rank, per-client ranks, and the rule that links them."""
 
-    def __init__(self, cfg: Config, ranks: list[int], initial_state_at: Callable[[int], AdapterState]):
+    def __init__(self, cfg: Config, ranks: list[int], initial_state_at: Callable[[int], AdapterState],
+                 global_rank: int | None = None):
         self.rule = get_ranked_rule(cfg.federation)
         self.alpha, self.seed = cfg.model.lora.alpha, cfg.seed
         self.prune_gamma = cfg.federation.hetlora_prune_gamma
         self.initial_state_at = initial_state_at
         self.ranks = list(ranks)  # current ranks; HetLoRA pruning only lowers them
-        self.global_rank = max(ranks)
+        self.global_rank = global_rank or max(ranks)  # split: the server side's rank, >= every client's
         self.state = initial_state_at(self.global_rank)  # B = 0: every client starts from its own init
         self.tails: list[float | None] = [None] * len(ranks)
 

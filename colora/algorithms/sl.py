@@ -28,6 +28,9 @@ class SL(SplitAlgorithm):
     def __init__(self, ctx):
         if ctx.cfg.split.server != "shared":
             raise ColoraError(f"split.server={ctx.cfg.split.server}: algorithm=sl has one server adapter (use shared)")
+        if any(r != ctx.cfg.model.lora.r for r in ctx.client_ranks):
+            raise ColoraError(f"client ranks {sorted(set(ctx.client_ranks))}: algorithm=sl hands one client-side adapter from "
+                              f"client to client, all at model.lora.r={ctx.cfg.model.lora.r} (per-client ranks: use splitlora)")
         super().__init__(ctx)
 
     def run_round(self, rnd: int) -> RoundResult:

@@ -12,6 +12,12 @@ in turn; ``per_client`` (SplitFed-V1) keeps one server adapter per client, avera
 the client adapters (same weights, same times). Averaging the server copies happens inside the
 main server and moves no bytes.
 
+Per-client ranks (``federation.ranks`` / ``rank_rule``, as for ``fedavg``): each client trains its
+side at its own rank r_k <= ``model.lora.r`` (the server side and the global client-side adapter
+stay at ``model.lora.r``); a mixed-rank rule (``zero_pad``, ``svd``, ``hlora``) aggregates the
+client sides and gives each client its own-rank projection, so its adapter payloads scale with
+r_k. ``stack`` is refused: it merges updates into the frozen base, which client and server share.
+
 Label privacy: in this standard split the LABELS GO TO THE SERVER with every activation (they are
 part of the uplink payload). ``split.u_shaped: true`` keeps head and loss on the client: labels
 never leave it, at the price of a second exchange per step (the last hidden state down, its
@@ -27,13 +33,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..adapters import payload_nbytes
-from ..aggregation import get_aggregator
+from ..aggregation import RANKED, get_aggregator, get_ranked_rule
 from ..config import ColoraError, Config
 from ..costmodel import adapter_sync_time, split_step_time
 from ..schedule import lr_at
 from ..split.types import SplitJob, SplitRunner, SplitStepResult
 from ..types import AdapterState, RoundResult
 from .base import Algorithm, sample_clients
+from .ranked import RankedServer
 
 _TOTALS = ("client_flops", "server_flops", "samples", "jobs", "activation_bytes_up", "activation_bytes_down",
            "adapter_bytes_up", "adapter_bytes_down")
@@ -47,8 +54,8 @@ def check_split_config(cfg: Config, split: SplitRunner | None) -> SplitRunner:
         raise ColoraError(f"train.prox_mu={cfg.train.prox_mu:g}: FedProx is not available for algorithm={cfg.algorithm}")
     if cfg.federation.server_optimizer != "none":
         raise ColoraError(f"federation.server_optimizer={cfg.federation.server_optimizer}: not available for algorithm={cfg.algorithm}")
-    if cfg.federation.ranks is not None:
-        raise ColoraError(f"federation.ranks={cfg.federation.ranks}: per-client ranks are not available for algorithm={cfg.algorithm}")
+    if cfg.federation.hetlora_prune_gamma is not None:
+        raise ColoraError(f"federation.hetlora_prune_gamma: HetLoRA rank pruning is not available for algorithm={cfg.algorithm}")
     return split
 
 
@@ -113,8 +120,28 @@ class SplitLoRA(SplitAlgorithm):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.aggregate = get_aggregator(self.cfg.federation.aggregator)
+        fed, r = self.cfg.federation, self.cfg.model.lora.r
         self.per_client = self.cfg.split.server == "per_client"
+        self.ranks = list(ctx.client_ranks) or [r] * self.cfg.clients.num
+        self.ranked = None
+        if fed.aggregator in RANKED:
+            if fed.aggregator == "stack":
+                raise ColoraError("federation.aggregator=stack is not available for algorithm=splitlora: it merges each "
+                                  "round's update into the frozen base, which clients and server share (use svd or zero_pad)")
+            if max(self.ranks) > r:
+                raise ColoraError(f"client ranks up to {max(self.ranks)} exceed model.lora.r={r}, the rank of the server side "
+                                  "and of the global adapter; raise model.lora.r")
+            keys = self.split.client_keys
+            self.ranked = RankedServer(self.cfg, self.ranks, lambda rank: {k: ctx.initial_state_at(rank)[k] for k in keys},
+                                       global_rank=r)
+            rule, alpha = get_ranked_rule(fed), self.cfg.model.lora.alpha
+            # per-client server copies (all at rank r) go through the same rule
+            self.aggregate = lambda states, weights: rule.aggregate(states, weights, alpha, r, states[0])
+        else:
+            if any(k != r for k in self.ranks):
+                raise ColoraError(f"federation.aggregator={fed.aggregator} needs every client at model.lora.r={r}, but the "
+                                  f"clients' ranks are {sorted(set(self.ranks))}; use zero_pad or svd for mixed ranks")
+            self.aggregate = get_aggregator(fed.aggregator)
 
     def run_round(self, rnd: int) -> RoundResult:
         cfg, split = self.cfg, self.split
@@ -123,13 +150,14 @@ class SplitLoRA(SplitAlgorithm):
         weights = [float(self.ctx.client_sizes[k]) if cfg.federation.weighting == "samples" else 1.0 for k in sampled]
         devices = [self.device(k) for k in sampled]
         split.begin(sampled, [self.client_steps[k] for k in sampled], fresh_optimizers=cfg.train.client_optimizer == "reset")
-        clients = [self.client_state] * len(sampled)
+        clients = self._send(sampled, rnd)  # the round's global client-side adapter, at each client's rank
         servers = [self.server_state] * (len(sampled) if self.per_client else 1)
-        down0 = payload_nbytes(self.client_state)  # the round's global client-side adapter, to each client
-        up, down, sim = 0, down0 * len(sampled), adapter_sync_time([], [down0] * len(sampled), devices, cfg.system.server, 0)
+        down0 = [payload_nbytes(s) for s in clients]
+        up, down, sim = 0, sum(down0), adapter_sync_time([], down0, devices, cfg.system.server, 0)
         losses = np.zeros(len(sampled))
+        ranks = [None if self.ranked is None else self.ranks[k] for k in sampled]
         for j in range(steps):
-            jobs = [SplitJob(k, clients[i], self.client_steps[k]) for i, k in enumerate(sampled)]
+            jobs = [SplitJob(k, clients[i], self.client_steps[k], ranks[i]) for i, k in enumerate(sampled)]
             res = split.step(jobs, servers, lr)
             clients, servers = res.client_states, res.server_states
             for k in sampled:
@@ -140,26 +168,49 @@ class SplitLoRA(SplitAlgorithm):
             sim += split_step_time(res.client_flops, res.bytes_up, res.bytes_down, res.server_flops, devices,
                                    cfg.system.server, res.messages)
             if (j + 1) % every == 0 or j + 1 == steps:
-                clients, servers, nbytes = self._average(clients, servers, weights, last=j + 1 == steps)
+                clients, servers, nbytes = self._average(clients, servers, weights, sampled, rnd, last=j + 1 == steps)
                 up, down = up + nbytes[0], down + nbytes[1]
                 sim += adapter_sync_time(nbytes[2], nbytes[3], devices, cfg.system.server, nbytes[4])
-        self.client_state, self.server_state = clients[0], servers[0]
-        self.stats.totals["adapter_bytes_down"] += down0 * len(sampled)
+        self.client_state = clients[0] if self.ranked is None else self.ranked.state
+        self.server_state = servers[0]
+        self.stats.totals["adapter_bytes_down"] += sum(down0)
         return RoundResult(float(np.average(losses, weights=weights)), up, down, sim, {"clients": len(sampled)})
 
-    def _average(self, clients: list[AdapterState], servers: list[AdapterState], weights: list[float], last: bool):
+    def _send(self, sampled: list[int], rnd: int) -> list[AdapterState]:
+        """The global client-side adapter as each sampled client receives it (its own rank)."""
+        if self.ranked is None:
+            return [self.client_state] * len(sampled)
+        return [self.ranked.client_state(k, rnd) for k in sampled]
+
+    def _average(self, clients: list[AdapterState], servers: list[AdapterState], weights: list[float],
+                 sampled: list[int], rnd: int, last: bool):
         """FedAvg of the client-side adapters (and of per-client server copies): each client once."""
         ups = [payload_nbytes(s) for s in clients]
-        avg = self.aggregate(clients, weights)
-        downs = [0 if last else payload_nbytes(avg)] * len(clients)  # at a round's end the next round's broadcast sends it
-        params = sum(t.numel() for t in avg.values()) * len(clients)
+        if self.ranked is None:
+            new = [self.aggregate(clients, weights)] * len(clients)
+        else:
+            self.ranked.aggregate(clients, weights)
+            new = self._send(sampled, rnd)
+        downs = [0 if last else payload_nbytes(s) for s in new]  # at a round's end the next round's broadcast sends it
+        params = sum(t.numel() for s in new for t in s.values())
         if self.per_client:
             server_avg = self.aggregate(servers, weights)
             servers = [server_avg] * len(servers)
             params += sum(t.numel() for t in server_avg.values()) * len(servers)
         self.stats.totals["adapter_bytes_up"] += sum(ups)
         self.stats.totals["adapter_bytes_down"] += sum(downs)
-        return [avg] * len(clients), servers, (sum(ups), sum(downs), ups, downs, params)
+        return new, servers, (sum(ups), sum(downs), ups, downs, params)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.ranked is not None:
+            state["ranked"] = self.ranked.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.ranked is not None:
+            self.ranked.load_state_dict(state["ranked"])
 
     def summary(self) -> dict:
         return self.stats.summary(self.split.accounting, {"server": self.cfg.split.server,

@@ -57,11 +57,11 @@ class InProcessEngine:
         algo_cls = get_algorithm(cfg.algorithm)
         train_parts = [np.arange(len(train))] if algo_cls.pooled_data else self.parts
         self.devices = client_profiles(cfg)
+        self.split = SplitTrainer(self.model, self.adapters, train, train_parts, cfg) if algo_cls.runner == "split" else None
         self.ranks = [cfg.model.lora.r] if algo_cls.pooled_data else self._assign_ranks()
         for r in sorted(set(self.ranks)):
             self.adapters.ensure(r)
         self.trainer = LocalTrainer(self.model, self.slots, train, train_parts, cfg.train, cfg.seed, self.adapters)
-        self.split = SplitTrainer(self.model, self.slots, train, train_parts, cfg) if algo_cls.runner == "split" else None
         self.memory = self._memory_check(algo_cls.pooled_data)
         ctx = Context(cfg, self.trainer, self.slots.get(), [len(p) for p in train_parts], self.slots.num_params(), self.evaluate,
                       client_ranks=self.ranks, initial_state_at=self.adapters.initial_state,
@@ -79,9 +79,16 @@ class InProcessEngine:
                          seed=self.cfg.seed, num_labels=self.task.num_labels or 1, proportions=c.proportions)
 
     def _assign_ranks(self) -> list[int]:
-        cfg, init = self.cfg, self.adapters.initial_state(self.adapters.default_rank)
-        need_at = lambda r: training_memory(self._shape(adapter_params_at(init, r)), cfg.train.batch_size, cfg.data.max_length)  # noqa: E731
+        cfg = self.cfg
+        need_at = lambda r: training_memory(self._client_shape(r), cfg.train.batch_size, cfg.data.max_length)  # noqa: E731
         return assign_ranks(cfg.federation, cfg.model.lora.r, [len(p) for p in self.parts], self.devices, need_at)
+
+    def _client_shape(self, rank: int) -> ModelShape:
+        """What one client holds at LoRA rank ``rank``: the whole model, or a split client's part."""
+        init = self.adapters.initial_state(self.adapters.default_rank)
+        if self.split is None:
+            return self._shape(adapter_params_at(init, rank))
+        return self._shape(adapter_params_at({k: init[k] for k in self.split.client_keys}, rank), client_part=True)
 
     @functools.cached_property
     def _base_bytes(self) -> int:
@@ -104,12 +111,9 @@ class InProcessEngine:
         """Estimated training memory of every client's part against its profile (colora.system).
 
         Pooled training (central) runs on the server, so its one "client" is the server profile."""
-        cfg, init = self.cfg, self.adapters.initial_state(self.adapters.default_rank)
-        if self.split is not None:
-            shapes = [self._shape(self.split.accounting["client_adapter_params"], client_part=True)] * len(self.ranks)
-        else:
-            per_rank = {r: self._shape(adapter_params_at(init, r)) for r in set(self.ranks)}
-            shapes = [per_rank[r] for r in self.ranks]
+        cfg = self.cfg
+        per_rank = {r: self._client_shape(r) for r in set(self.ranks)}
+        shapes = [per_rank[r] for r in self.ranks]
         need = [training_memory(s, cfg.train.batch_size, cfg.data.max_length) for s in shapes]
         report = memory_report([cfg.system.server] if pooled else self.devices, need)
         if report["over"] and cfg.system.enforce_memory:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..adapters import AdapterSlots
+from ..adapters import RankedAdapters
 from ..config import ColoraError, Config
 from ..train import Encoded, _torch_seed, autocast, batch_indices
 from ..types import AdapterState
@@ -53,8 +53,9 @@ def _unique_numel(modules) -> int:
 class SplitTrainer:
     """A :class:`~colora.split.types.SplitRunner` over the engine's one peft model."""
 
-    def __init__(self, model, slots: AdapterSlots, data: Encoded, parts: list[np.ndarray], cfg: Config):
-        self.model, self.slots, self.data, self.parts = model, slots, data, parts
+    def __init__(self, model, adapters: RankedAdapters, data: Encoded, parts: list[np.ndarray], cfg: Config):
+        self.adapters, self.slots = adapters, adapters.slots[adapters.default_rank]
+        self.model, self.data, self.parts, slots = model, data, parts, self.slots
         self.train_cfg, self.seed = cfg.train, cfg.seed
         self.codec, self.shared_server = cfg.split.activation_dtype, cfg.split.server == "shared"
         self.cut = ModelCut(model, cfg.split.layer, cfg.split.u_shaped)
@@ -65,6 +66,8 @@ class SplitTrainer:
         stray = set(slots.params) - set(self.client_keys) - set(self.server_keys)
         if stray:
             raise SplitError(f"split: adapter parameters outside both parts, e.g. {sorted(stray)[0]!r} (check model.lora.target_modules)")
+        # LoRA layers of the client part: where a client's own-rank adapter is switched in (per module)
+        self._client_lora = sorted({k.rsplit(".lora_", 1)[0] for k in self.client_keys if ".lora_" in k})
         self.accounting = {
             "layer": self.cut.layer, "n_layers": self.cut.n_layers, "u_shaped": self.cut.u_shaped,
             "client_params": _unique_numel(self.cut.client_modules),  # base + adapter each client holds
@@ -119,10 +122,34 @@ class SplitTrainer:
     def _server_opt(self, client_id: int) -> str:
         return "server/shared" if self.shared_server else f"server/{client_id}"
 
-    def _optimizer(self, name: str, keys: list[str], lr: float) -> torch.optim.Optimizer:
+    def _params(self, keys: list[str], rank: int | None = None) -> dict[str, torch.nn.Parameter]:
+        """Live tensors of ``keys``: LoRA factors from the rank-``rank`` adapter, the rest (the head)
+        always from the default one."""
+        own = self.slots.params if rank is None else self.adapters.ensure(rank).params
+        return {k: (own if ".lora_" in k else self.slots.params)[k] for k in keys}
+
+    @contextmanager
+    def _client_rank(self, rank: int | None) -> Iterator[None]:
+        """Run the client part's LoRA layers on the rank-``rank`` adapter (server part: the default)."""
+        name = None if rank is None else self.adapters.ensure(rank).adapter
+        if name in (None, self.slots.adapter):
+            yield
+            return
+        layers = [self.model.get_submodule(prefix) for prefix in self._client_lora]
+        for layer in layers:
+            layer.set_adapter(name)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.set_adapter(self.slots.adapter)
+
+    def _optimizer(self, name: str, live: dict[str, torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         opt = self.optimizers.get(name)
+        params = list(live.values())
+        if opt is not None and opt.param_groups[0]["params"][0] is not params[0]:
+            opt = None  # built over another rank's tensors
         if opt is None:
-            params = [self.slots.params[k] for k in keys]
             cls = torch.optim.AdamW if self.train_cfg.optimizer == "adamw" else torch.optim.SGD
             opt = self.optimizers[name] = cls(params, lr=lr, weight_decay=self.train_cfg.weight_decay)
             if name in self.pending_optimizer_states:
@@ -131,15 +158,18 @@ class SplitTrainer:
             group["lr"] = lr
         return opt
 
-    def _load(self, keys: list[str], state: AdapterState) -> None:
-        if set(state) != set(keys):
-            raise ColoraError(f"split: adapter state has {len(state)} keys, this part has {len(keys)}")
+    def _load(self, live: dict[str, torch.nn.Parameter], state: AdapterState) -> None:
+        if set(state) != set(live):
+            raise ColoraError(f"split: adapter state has {len(state)} keys, this part has {len(live)}")
         with torch.no_grad():
-            for k in keys:
-                self.slots.params[k].copy_(state[k])
+            for k, p in live.items():
+                if p.shape != state[k].shape:
+                    raise ColoraError(f"split: {k} has shape {tuple(state[k].shape)}, the live tensor {tuple(p.shape)}")
+                p.copy_(state[k])
 
-    def _get(self, keys: list[str]) -> AdapterState:
-        return {k: self.slots.params[k].detach().clone() for k in keys}
+    @staticmethod
+    def _get(live: dict[str, torch.nn.Parameter]) -> AdapterState:
+        return {k: p.detach().clone() for k, p in live.items()}
 
     @contextmanager
     def _measure(self, chunk: str, shape: tuple) -> Iterator[None]:
@@ -155,16 +185,21 @@ class SplitTrainer:
         self._flops[key] = float(counter.get_total_flops())
 
     def _job(self, job: SplitJob, server_state: AdapterState, lr: float):
+        with self._client_rank(job.rank):
+            return self._run_job(job, server_state, lr)
+
+    def _run_job(self, job: SplitJob, server_state: AdapterState, lr: float):
         k, cut, codec = job.client_id, self.cut, self.codec
         idx = batch_indices(self.parts[k], self.train_cfg.batch_size, job.step, self.seed, k)
         batch = self.data.collate(idx)
         labels = batch.pop("labels")
         mask = batch["attention_mask"]
-        shape = tuple(batch["input_ids"].shape)
-        self._load(self.client_keys, job.state)
-        self._load(self.server_keys, server_state)
-        client_opt = self._optimizer(f"client/{k}", self.client_keys, lr)
-        server_opt = self._optimizer(self._server_opt(k), self.server_keys, lr)
+        shape = (job.rank, *batch["input_ids"].shape)  # client FLOPs depend on its LoRA rank
+        client_live, server_live = self._params(self.client_keys, job.rank), self._params(self.server_keys)
+        self._load(client_live, job.state)
+        self._load(server_live, server_state)
+        client_opt = self._optimizer(f"client/{k}", client_live, lr)
+        server_opt = self._optimizer(self._server_opt(k), server_live, lr)
         self.model.train()
         if k not in self._rng:
             raise ValueError(f"client {k}: begin() must start its local work before step()")
@@ -198,17 +233,17 @@ class SplitTrainer:
             with self._measure("server_backward", shape):  # --- server
                 torch.autograd.backward(last, decode_tensor("grad", unpack(blob)))
         self._rng[k] = torch.get_rng_state()
-        self._finish(server_opt, self.server_keys)
+        self._finish(server_opt, server_live)
         blob = pack(encode_tensor("grad", cut_in.grad, codec))
         down += len(blob)
         grad = decode_tensor("grad", unpack(blob))  # --- client side again
         if act.requires_grad:  # False only when no client parameter trains
             with self._measure("client_backward", shape):
                 torch.autograd.backward(act, grad)
-        self._finish(client_opt, self.client_keys)
+        self._finish(client_opt, client_live)
 
         value = float(loss.detach())
-        client, server = self._get(self.client_keys), self._get(self.server_keys)
+        client, server = self._get(client_live), self._get(server_live)
         if not math.isfinite(value) or any(not torch.isfinite(t).all() for t in (*client.values(), *server.values())):
             raise ColoraError(f"client {k} produced a non-finite update (train.lr={lr:g} may be too high)")
         client_chunks = ("client_forward", "client_backward", "client_head")
@@ -217,8 +252,8 @@ class SplitTrainer:
         sf = sum(self._flops.get((c, shape), 0.0) for c in server_chunks)
         return client, server, value, up, down, cf, sf, len(idx)
 
-    def _finish(self, opt: torch.optim.Optimizer, keys: list[str]) -> None:
-        params = [self.slots.params[k] for k in keys]
+    def _finish(self, opt: torch.optim.Optimizer, live: dict[str, torch.nn.Parameter]) -> None:
+        params = list(live.values())
         if self.train_cfg.max_grad_norm is not None:  # each party clips its own gradient
             torch.nn.utils.clip_grad_norm_(params, self.train_cfg.max_grad_norm)
         opt.step()

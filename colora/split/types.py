@@ -17,12 +17,14 @@ class SplitJob:
 
     ``state`` holds the client-side adapter keys only. ``step`` is the client's own step counter:
     its batch is ``batch_indices(parts[k], batch_size, step, seed, k)``, the same batch it would see
-    under every other algorithm (common random numbers).
+    under every other algorithm (common random numbers). ``rank``: the LoRA rank of the client's
+    side (None: ``model.lora.r``, the server side's rank).
     """
 
     client_id: int
     state: AdapterState
     step: int
+    rank: int | None = None
 
 
 @dataclass
