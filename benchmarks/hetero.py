@@ -10,6 +10,7 @@ are kept); results land in OUT/results.json and a table is printed.
 
     python benchmarks/hetero.py [--tasks mrpc sst2] [--rounds 20] [--steps 10] [--seeds 3] [--max-train N]
     python benchmarks/hetero.py --rounds 1 --seeds 1 --max-train 200 --max-eval 64   # smoke test
+    python benchmarks/hetero.py --set train.precision=bf16 --set train.lr_schedule=cosine   # any config key
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from colora.compare import run_sweep
-from colora.config import build_config
+from colora.config import build_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "glue"
@@ -44,7 +45,7 @@ def run_config(task: str, rule: str, seed: int, args) -> dict:
         "clients": {"num": args.clients, "per_round": args.per_round or args.clients, "partition": "dirichlet", "alpha": 0.5},
         "train": {"local_steps": args.steps, "batch_size": 16, "lr": args.lr, "optimizer": "adamw"},
         "federation": fed,
-        "eval": {"every": args.rounds},
+        "eval": {"every": args.eval_every or args.rounds},
         "log": {"progress": False},
     }
 
@@ -59,32 +60,45 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--per-round", type=int, default=None, help="clients sampled per round (default: all)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=None, help="rounds between evaluations (default: the last only)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
     p.add_argument("--max-train", type=int, default=None, help="cap on training examples (default: all)")
     p.add_argument("--max-eval", type=int, default=None, help="cap on dev examples (default: all)")
     p.add_argument("--data", default=str(DATA), help="folder holding the GLUE task folders (MRPC, SST-2)")
     p.add_argument("--out", default=None, help="where runs and results.json go (default: a temp folder)")
+    p.add_argument("--report-only", action="store_true", help="print the table of the runs finished under --out")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every run, e.g. train.precision=bf16")
     args = p.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="colora-hetero-"))
-    keys = [(task, rule, seed) for task in args.tasks for rule in args.rules for seed in range(args.seeds)]
-    runs = [(f"{t}-{r}-s{s}", build_config(run_config(t, r, s, args))) for t, r, s in keys]
-    dirs = run_sweep(runs, out, args.jobs)  # finished runs under --out are kept
+    # seed-major within a task: an interrupted sweep (rerun with the same --out to finish it) has
+    # whole seeds of every rule, not all seeds of the first rules
+    keys = [(task, rule, seed) for task in args.tasks for seed in range(args.seeds) for rule in args.rules]
+    sets = dict(parse_override(kv) for kv in args.sets)
+    runs = [(f"{t}-{r}-s{s}", build_config(run_config(t, r, s, args), sets)) for t, r, s in keys]
+    if args.report_only:  # the table of whatever finished under --out
+        dirs = [out / f"{i}-{name}" for i, (name, _) in enumerate(runs)]
+    else:
+        dirs = run_sweep(runs, out, args.jobs)  # finished runs under --out are kept
     results: dict[str, dict[str, list[float]]] = {}
     for (task, rule, _), run_dir in zip(keys, dirs):
+        if not (run_dir / "summary.json").is_file():
+            continue
         summary = json.loads((run_dir / "summary.json").read_text())
         results.setdefault(task, {}).setdefault(rule, []).append(summary["final"]["eval/accuracy"])
     (out / "results.json").write_text(json.dumps({"args": vars(args), "accuracy": results}, indent=2))
     print(f"\nfinal dev accuracy, minilm-l6, {args.clients} clients ({args.per_round or args.clients} per round), Dirichlet 0.5, "
           f"{args.rounds} rounds x {args.steps} "
           f"local steps, mean ± std over {args.seeds} seed(s); runs in {out}")
-    print(f"{'rule':<12}" + "".join(f"{t:>18}" for t in args.tasks))
+    print(f"{'rule':<12}" + "".join(f"{t:>22}" for t in args.tasks))
     for rule in args.rules:
         cells = []
         for task in args.tasks:
-            acc = results[task][rule]
+            acc = results.get(task, {}).get(rule, [])
             std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            cells.append(f"{statistics.mean(acc):.4f} ± {std:.4f}")
-        print(f"{rule:<12}" + "".join(f"{c:>18}" for c in cells))
+            seeds = "" if len(acc) == args.seeds else f" ({len(acc)})"  # runs finished so far
+            cells.append(f"{statistics.mean(acc):.4f} ± {std:.4f}{seeds}" if acc else "-")
+        print(f"{rule:<12}" + "".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":
