@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -175,14 +175,11 @@ class SplitTrainer:
     def _measure(self, chunk: str, shape: tuple) -> Iterator[None]:
         # FLOPs of each piece are counted once per batch shape (FlopCounterMode slows the pass).
         key = (chunk, shape)
-        if key in self._flops:
-            with autocast(self.train_cfg.precision, self.model):
-                yield
-            return
-        counter = FlopCounterMode(display=False)
-        with counter, autocast(self.train_cfg.precision, self.model):
+        counter = FlopCounterMode(display=False) if key not in self._flops else None
+        with counter or nullcontext(), autocast(self.train_cfg.precision, self.model):
             yield
-        self._flops[key] = float(counter.get_total_flops())
+        if counter is not None:
+            self._flops[key] = float(counter.get_total_flops())
 
     def _job(self, job: SplitJob, server_state: AdapterState, lr: float):
         with self._client_rank(job.rank):
