@@ -78,12 +78,18 @@ def format_table(rows: list[dict]) -> str:
 def run_sweep(runs: list[tuple[str, Config]], out: Path, jobs: int = 1) -> list[Path]:
     """Run every config of a sweep into ``out/<index>-<name>/``; returns the run directories.
 
-    A run whose directory already holds summary.json is kept; one with a checkpoint is resumed.
+    A run whose directory already holds summary.json is kept; one with a checkpoint is resumed; a
+    directory holding a run of a different config is an error (before anything runs).
     ``jobs > 1`` runs that many at once, each a ``colora run`` process with cpu_count // jobs
     threads and its log in ``out/<index>-<name>.log`` (results equal a sequential sweep: every run
     is seeded by its own config). A failed run stops nothing else; the error names its log.
     """
     dirs = [out / f"{i}-{name}" for i, (name, _) in enumerate(runs)]
+    for (name, cfg), run_dir in zip(runs, dirs):
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.model_dump(mode="json"):
+            raise ColoraError(f"{run_dir} holds a run of another config (its config.yaml differs from sweep run "
+                              f"'{name}'); use a new --out or remove that directory")
     todo = []
     for i, ((name, cfg), run_dir) in enumerate(zip(runs, dirs)):
         if (run_dir / "summary.json").is_file():

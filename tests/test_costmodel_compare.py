@@ -101,6 +101,12 @@ def test_compare_runs_and_reports(tmp_path, capsys):
     # a second call keeps finished runs instead of redoing them
     assert main(["compare", str(path), "--out", str(out)]) == 0
     assert "already complete" in capsys.readouterr().out
+    # ...but never a finished run of another config under the same name
+    changed = _sweep(tmp_path, [{"algorithm": "central"}, {"algorithm": "fedavg"}],
+                     {"set": {"clients.num": 2, "clients.per_round": 2, "train.lr": 0.5}})  # same names
+    assert main(["compare", str(changed), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "0-central holds a run of another config" in err and len(err.splitlines()) == 1
 
 
 def test_compare_jobs_runs_in_parallel_processes_with_the_same_results(tmp_path, capsys):
