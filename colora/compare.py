@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,8 +79,9 @@ def format_table(rows: list[dict]) -> str:
 def run_sweep(runs: list[tuple[str, Config]], out: Path, jobs: int = 1) -> list[Path]:
     """Run every config of a sweep into ``out/<index>-<name>/``; returns the run directories.
 
-    A run whose directory already holds summary.json is kept; one with a checkpoint is resumed; a
-    directory holding a run of a different config is an error (before anything runs).
+    A run whose directory already holds summary.json is kept; one with a checkpoint is resumed; one
+    that stopped before its first checkpoint starts again; a directory holding a run of a different
+    config, or no run at all, is an error (before anything runs).
     ``jobs > 1`` runs that many at once, each a ``colora run`` process with cpu_count // jobs
     threads and its log in ``out/<index>-<name>.log`` (results equal a sequential sweep: every run
     is seeded by its own config). A failed run stops nothing else; the error names its log.
@@ -94,8 +96,12 @@ def run_sweep(runs: list[tuple[str, Config]], out: Path, jobs: int = 1) -> list[
     for i, ((name, cfg), run_dir) in enumerate(zip(runs, dirs)):
         if (run_dir / "summary.json").is_file():
             print(f"[{i + 1}/{len(runs)}] {name}: already complete, kept")
-        else:
-            todo.append((i, name, cfg, run_dir))
+            continue
+        if (run_dir / "config.yaml").is_file() and not (run_dir / "checkpoint").is_dir():
+            shutil.rmtree(run_dir)  # this run stopped before its first checkpointed round: nothing to keep
+        elif run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "checkpoint").is_dir():
+            raise ColoraError(f"{run_dir} exists and holds no colora run; use a new --out or remove that directory")
+        todo.append((i, name, cfg, run_dir))
     if jobs <= 1:
         from .engines import run_experiment
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import yaml
@@ -101,6 +102,11 @@ def test_compare_runs_and_reports(tmp_path, capsys):
     # a second call keeps finished runs instead of redoing them
     assert main(["compare", str(path), "--out", str(out)]) == 0
     assert "already complete" in capsys.readouterr().out
+    # a run that died before its first checkpoint starts again
+    shutil.rmtree(out / "1-fedavg" / "checkpoint")
+    (out / "1-fedavg" / "summary.json").unlink()
+    assert main(["compare", str(path), "--out", str(out)]) == 0
+    assert (out / "1-fedavg" / "summary.json").is_file()
     # ...but never a finished run of another config under the same name
     changed = _sweep(tmp_path, [{"algorithm": "central"}, {"algorithm": "fedavg"}],
                      {"set": {"clients.num": 2, "clients.per_round": 2, "train.lr": 0.5}})  # same names
