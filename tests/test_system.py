@@ -167,3 +167,17 @@ def test_resource_rank_rule_follows_each_clients_own_memory():
     for rank, device in zip(engine.ranks, engine.devices):
         assert need[rank] <= device.memory_gb * 1e9
         assert all(need[r] > device.memory_gb * 1e9 for r in (2, 4, 8) if r > rank)
+
+
+def test_resource_rule_for_split_clients_counts_their_part_of_the_model_only():
+    from colora.adapters import adapter_params_at
+
+    over = dict(algorithm="splitlora", split__layer=1)
+    probe = InProcessEngine(tiny_config(**over))
+    init = probe.adapters.initial_state(probe.adapters.default_rank)
+    part_at_8 = training_memory(probe._client_shape(8), 8, 48)
+    whole_at_2 = training_memory(probe._shape(adapter_params_at(init, 2)), 8, 48)
+    assert part_at_8 < whole_at_2  # a split client could not hold the whole model even at rank 2
+    engine = InProcessEngine(tiny_config(**over, federation__rank_rule="resource", federation__aggregator="svd",
+                                         federation__rank_set=[2, 4, 8], system__client={"memory_gb": part_at_8 / 1e9}))
+    assert engine.ranks == [8] * engine.cfg.clients.num
