@@ -20,14 +20,6 @@ from .conftest import read_rows, tiny_config, tiny_raw
 SMALL = dict(algorithm="splitlora", split__layer=2, data__synthetic_train=64, data__synthetic_eval=32, rounds=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _part(state, keys):
     return {k: state[k] for k in keys}
 
