@@ -87,11 +87,13 @@ def run_sweep(runs: list[tuple[str, Config]], out: Path, jobs: int = 1) -> list[
     is seeded by its own config). A failed run stops nothing else; the error names its log.
     """
     dirs = [out / f"{i}-{name}" for i, (name, _) in enumerate(runs)]
-    for (name, cfg), run_dir in zip(runs, dirs):
+    for (name, cfg), run_dir in zip(runs, dirs):  # validate every directory before touching any
         saved = run_dir / "config.yaml"
         if saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.model_dump(mode="json"):
             raise ColoraError(f"{run_dir} holds a run of another config (its config.yaml differs from sweep run "
                               f"'{name}'); use a new --out or remove that directory")
+        if not saved.is_file() and run_dir.is_dir() and any(run_dir.iterdir()):
+            raise ColoraError(f"{run_dir} exists and holds no colora run; use a new --out or remove that directory")
     todo = []
     for i, ((name, cfg), run_dir) in enumerate(zip(runs, dirs)):
         if (run_dir / "summary.json").is_file():
@@ -99,8 +101,6 @@ def run_sweep(runs: list[tuple[str, Config]], out: Path, jobs: int = 1) -> list[
             continue
         if (run_dir / "config.yaml").is_file() and not (run_dir / "checkpoint").is_dir():
             shutil.rmtree(run_dir)  # this run stopped before its first checkpointed round: nothing to keep
-        elif run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "checkpoint").is_dir():
-            raise ColoraError(f"{run_dir} exists and holds no colora run; use a new --out or remove that directory")
         todo.append((i, name, cfg, run_dir))
     if jobs <= 1:
         from .engines import run_experiment
