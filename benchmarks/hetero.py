@@ -80,26 +80,27 @@ def main() -> None:
         dirs = [out / f"{i}-{name}" for i, (name, _) in enumerate(runs)]
     else:
         dirs = run_sweep(runs, out, args.jobs)  # finished runs under --out are kept
-    results: dict[str, dict[str, list[float]]] = {}
+    # accuracy alone cannot rank rules that sit near the majority rate; dev loss still can
+    results: dict[str, dict[str, dict[str, list[float]]]] = {"accuracy": {}, "eval_loss": {}}
     for (task, rule, _), run_dir in zip(keys, dirs):
         if not (run_dir / "summary.json").is_file():
             continue
-        summary = json.loads((run_dir / "summary.json").read_text())
-        results.setdefault(task, {}).setdefault(rule, []).append(summary["final"]["eval/accuracy"])
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "accuracy": results}, indent=2))
-    print(f"\nfinal dev accuracy, minilm-l6, {args.clients} clients ({args.per_round or args.clients} per round), Dirichlet 0.5, "
-          f"{args.rounds} rounds x {args.steps} "
-          f"local steps, mean ± std over {args.seeds} seed(s); runs in {out}")
-    print(f"{'rule':<12}" + "".join(f"{t:>22}" for t in args.tasks))
+        final = json.loads((run_dir / "summary.json").read_text())["final"]
+        results["accuracy"].setdefault(task, {}).setdefault(rule, []).append(final["eval/accuracy"])
+        results["eval_loss"].setdefault(task, {}).setdefault(rule, []).append(final["eval/loss"])
+    (out / "results.json").write_text(json.dumps({"args": vars(args), **results}, indent=2))
+    print(f"\nfinal dev accuracy and dev loss, minilm-l6, {args.clients} clients ({args.per_round or args.clients} per round), "
+          f"Dirichlet 0.5, {args.rounds} rounds x {args.steps} local steps, mean ± std over {args.seeds} seed(s); runs in {out}")
+    print(f"{'rule':<12}" + "".join(f"{f'{t} {m}':>24}" for t in args.tasks for m in ("acc", "loss")))
     for rule in args.rules:
         cells = []
         for task in args.tasks:
-            acc = results.get(task, {}).get(rule, [])
-            std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            seeds = "" if len(acc) == args.seeds else f" ({len(acc)})"  # runs finished so far
-            cells.append(f"{statistics.mean(acc):.4f} ± {std:.4f}{seeds}" if acc else "-")
-        print(f"{rule:<12}" + "".join(f"{c:>22}" for c in cells))
-
+            for metric in ("accuracy", "eval_loss"):
+                vals = results[metric].get(task, {}).get(rule, [])
+                std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                seeds = "" if len(vals) == args.seeds else f" ({len(vals)})"  # runs finished so far
+                cells.append(f"{statistics.mean(vals):.4f} ± {std:.4f}{seeds}" if vals else "-")
+        print(f"{rule:<12}" + "".join(f"{c:>24}" for c in cells))
 
 if __name__ == "__main__":
     main()
