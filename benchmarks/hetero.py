@@ -80,14 +80,15 @@ def main() -> None:
         dirs = [out / f"{i}-{name}" for i, (name, _) in enumerate(runs)]
     else:
         dirs = run_sweep(runs, out, args.jobs)  # finished runs under --out are kept
-    # accuracy alone cannot rank rules that sit near the majority rate; dev loss still can
-    results: dict[str, dict[str, dict[str, list[float]]]] = {"accuracy": {}, "eval_loss": {}}
-    for (task, rule, _), run_dir in zip(keys, dirs):
-        if not (run_dir / "summary.json").is_file():
-            continue
-        final = json.loads((run_dir / "summary.json").read_text())["final"]
-        results["accuracy"].setdefault(task, {}).setdefault(rule, []).append(final["eval/accuracy"])
-        results["eval_loss"].setdefault(task, {}).setdefault(rule, []).append(final["eval/loss"])
+    # accuracy alone cannot rank rules that sit near the majority rate; dev loss still can.
+    # results[metric][task][rule][seed]: every rule sees the same sampled clients under one seed, so
+    # per-seed differences between rules are paired comparisons.
+    results: dict[str, dict[str, dict[str, dict[int, float]]]] = {"accuracy": {}, "eval_loss": {}}
+    for (task, rule, seed), run_dir in zip(keys, dirs):
+        if (run_dir / "summary.json").is_file():
+            final = json.loads((run_dir / "summary.json").read_text())["final"]
+            results["accuracy"].setdefault(task, {}).setdefault(rule, {})[seed] = final["eval/accuracy"]
+            results["eval_loss"].setdefault(task, {}).setdefault(rule, {})[seed] = final["eval/loss"]
     (out / "results.json").write_text(json.dumps({"args": vars(args), **results}, indent=2))
     print(f"\nfinal dev accuracy and dev loss, minilm-l6, {args.clients} clients ({args.per_round or args.clients} per round), "
           f"Dirichlet 0.5, {args.rounds} rounds x {args.steps} local steps, mean ± std over {args.seeds} seed(s); runs in {out}")
@@ -96,11 +97,29 @@ def main() -> None:
         cells = []
         for task in args.tasks:
             for metric in ("accuracy", "eval_loss"):
-                vals = results[metric].get(task, {}).get(rule, [])
+                vals = list(results[metric].get(task, {}).get(rule, {}).values())
                 std = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 seeds = "" if len(vals) == args.seeds else f" ({len(vals)})"  # runs finished so far
                 cells.append(f"{statistics.mean(vals):.4f} ± {std:.4f}{seeds}" if vals else "-")
         print(f"{rule:<12}" + "".join(f"{c:>24}" for c in cells))
+    print_paired(results, args.tasks, [r for r in args.rules if r != "zero_pad"] if "zero_pad" in args.rules else [])
+
+
+def print_paired(results: dict, tasks: list[str], rules: list[str]) -> None:
+    """Each rule against zero_pad (HetLoRA) seed by seed: mean difference and wins / ties / losses."""
+    for task in tasks:
+        acc, loss = results["accuracy"].get(task, {}), results["eval_loss"].get(task, {})
+        for rule in rules:
+            seeds = sorted(set(acc.get(rule, {})) & set(acc.get("zero_pad", {})))
+            if not seeds:
+                continue
+            d_acc = [acc[rule][s] - acc["zero_pad"][s] for s in seeds]
+            d_loss = [loss[rule][s] - loss["zero_pad"][s] for s in seeds]
+            record = "/".join(str(sum(f(d) for d in d_acc)) for f in (lambda d: d > 0, lambda d: d == 0, lambda d: d < 0))
+            print(f"{task} {rule} - zero_pad over {len(seeds)} paired seed(s): accuracy {statistics.mean(d_acc):+.4f} "
+                  f"(better/equal/worse {record}), dev loss {statistics.mean(d_loss):+.4f} "
+                  f"(lower in {sum(d < 0 for d in d_loss)})")
+
 
 if __name__ == "__main__":
     main()
