@@ -7,10 +7,12 @@
   groups (tertiles for three ranks), the smallest group getting the smallest rank. A client's
   position is its mid-rank, so clients of equal size always share a rank (all equal: the middle
   rank of the set).
-- ``resource``: each client gets the largest rank of ``rank_set`` whose training memory (the
-  estimate of ``colora.system.training_memory``: base weights, adapter state, activations) fits its
-  own device profile's ``memory_gb``; profiles differ across clients through
-  ``system.heterogeneity`` (e.g. ``fields: [memory_gb]``).
+- ``resource``: from each client's own device profile (profiles differ across clients through
+  ``system.heterogeneity``, e.g. ``fields: [memory_gb, flops]``). Compute tiers: clients are ordered
+  by FLOP/s and cut into quantile groups as for ``data_size`` (the slowest group gets the smallest
+  rank; all equally fast: the largest rank). Memory cap: no client gets a rank whose training
+  memory (``colora.system.training_memory``: base weights, adapter state, activations) exceeds its
+  ``memory_gb``. A client gets the smaller of the two.
 """
 
 from __future__ import annotations
@@ -35,15 +37,19 @@ def data_size_ranks(sizes: list[int], rank_set: list[int]) -> list[int]:
 
 
 def resource_ranks(profiles: list[DeviceProfile], rank_set: list[int], need_at: Callable[[int], float]) -> list[int]:
-    """The largest rank of ``rank_set`` whose training memory ``need_at(rank)`` (bytes) fits each client's ``memory_gb``."""
+    """Each client's FLOP/s tier rank (quantile groups, as ``data_size_ranks``), capped by the largest
+    rank of ``rank_set`` whose training memory ``need_at(rank)`` (bytes) fits its ``memory_gb``."""
+    flops = [prof.flops for prof in profiles]
+    # equally fast clients (no compute heterogeneity) are limited by memory alone
+    tiers = data_size_ranks(flops, rank_set) if len(set(flops)) > 1 else [max(rank_set)] * len(profiles)
     out = []
-    for k, prof in enumerate(profiles):
+    for k, (prof, tier) in enumerate(zip(profiles, tiers)):
         fits = [r for r in sorted(set(rank_set)) if need_at(r) <= prof.memory_gb * 1e9]
         if not fits:
             need = need_at(min(rank_set)) / 1e9
             raise ColoraError(f"system.client.memory_gb={prof.memory_gb}: client {k} cannot train even rank "
                               f"{min(rank_set)} (needs ~{need:.3g} GB); lower federation.rank_set or use a smaller model")
-        out.append(fits[-1])
+        out.append(min(fits[-1], tier))
     return out
 
 

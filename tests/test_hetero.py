@@ -268,11 +268,17 @@ def test_data_size_ranks_give_more_data_higher_ranks():
     assert ranks == sorted(ranks) and [ranks.count(r) for r in (2, 4, 8)] == [7, 7, 6]
 
 
-def test_resource_ranks_take_the_largest_rank_that_fits_memory():
-    prof = lambda gb: DeviceProfile(flops=1e12, up_mbps=1, down_mbps=1, latency_s=0, memory_gb=gb)  # noqa: E731
+def test_resource_ranks_take_the_compute_tier_capped_by_memory():
+    prof = lambda gb, flops=1e12: DeviceProfile(flops=flops, up_mbps=1, down_mbps=1, latency_s=0, memory_gb=gb)  # noqa: E731
     need_at = lambda r: 4e8 + 16_000 * r  # noqa: E731  (bytes at rank r)
     assert resource_ranks([prof(8), prof(8)], [2, 4, 8], need_at) == [8, 8]
     assert resource_ranks([prof(need_at(4) / 1e9), prof(need_at(8) / 1e9)], [2, 4, 8], need_at) == [4, 8]
+    # FLOP/s tiers with ample memory: slowest third rank 2, fastest third rank 8, ties share a tier
+    fast = [prof(8, f) for f in (4e12, 1e12, 2e12, 1e12)]
+    assert resource_ranks(fast[:3], [2, 4, 8], need_at) == [8, 2, 4]
+    assert resource_ranks(fast, [2, 4, 8], need_at) == [8, 2, 4, 2]
+    # the fastest client with too little memory for rank 8 gets the largest rank that fits
+    assert resource_ranks([prof(need_at(4) / 1e9, 4e12), prof(8, 1e12), prof(8, 2e12)], [2, 4, 8], need_at) == [4, 2, 4]
     with pytest.raises(ColoraError, match="memory_gb"):
         resource_ranks([prof(0.1)], [2, 4, 8], need_at)
 

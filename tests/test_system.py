@@ -169,6 +169,15 @@ def test_resource_rank_rule_follows_each_clients_own_memory():
         assert all(need[r] > device.memory_gb * 1e9 for r in (2, 4, 8) if r > rank)
 
 
+def test_resource_rank_rule_gives_faster_clients_higher_ranks():
+    cfg = tiny_config(clients__num=9, clients__per_round=9, federation__rank_rule="resource",
+                      federation__aggregator="svd", federation__rank_set=[2, 4, 8],
+                      system__heterogeneity={"distribution": "lognormal", "spread": 0.5, "fields": ["flops"]})
+    engine = InProcessEngine(cfg)  # ample memory: ranks follow FLOP/s tertiles
+    by_speed = [rank for _, rank in sorted(zip([d.flops for d in engine.devices], engine.ranks))]
+    assert by_speed == [2, 2, 2, 4, 4, 4, 8, 8, 8]
+
+
 def test_resource_rule_for_split_clients_counts_their_part_of_the_model_only():
     from colora.adapters import adapter_params_at
 
