@@ -102,11 +102,12 @@ def main() -> None:
                 seeds = "" if len(vals) == args.seeds else f" ({len(vals)})"  # runs finished so far
                 cells.append(f"{statistics.mean(vals):.4f} ± {std:.4f}{seeds}" if vals else "-")
         print(f"{rule:<12}" + "".join(f"{c:>24}" for c in cells))
-    print_paired(results, args.tasks, [r for r in args.rules if r != "zero_pad"] if "zero_pad" in args.rules else [])
+    print_paired(results, args.tasks, [r for r in args.rules if r != "zero_pad"])
 
 
 def print_paired(results: dict, tasks: list[str], rules: list[str]) -> None:
-    """Each rule against zero_pad (HetLoRA) seed by seed: mean difference and wins / ties / losses."""
+    """Each rule against zero_pad (HetLoRA) seed by seed: mean difference and wins / ties / losses
+    (nothing for a task without finished zero_pad runs)."""
     for task in tasks:
         acc, loss = results["accuracy"].get(task, {}), results["eval_loss"].get(task, {})
         for rule in rules:
@@ -115,7 +116,8 @@ def print_paired(results: dict, tasks: list[str], rules: list[str]) -> None:
                 continue
             d_acc = [acc[rule][s] - acc["zero_pad"][s] for s in seeds]
             d_loss = [loss[rule][s] - loss["zero_pad"][s] for s in seeds]
-            record = "/".join(str(sum(f(d) for d in d_acc)) for f in (lambda d: d > 0, lambda d: d == 0, lambda d: d < 0))
+            better, equal = sum(d > 0 for d in d_acc), sum(d == 0 for d in d_acc)
+            record = f"{better}/{equal}/{len(d_acc) - better - equal}"
             print(f"{task} {rule} - zero_pad over {len(seeds)} paired seed(s): accuracy {statistics.mean(d_acc):+.4f} "
                   f"(better/equal/worse {record}), dev loss {statistics.mean(d_loss):+.4f} "
                   f"(lower in {sum(d < 0 for d in d_loss)})")
