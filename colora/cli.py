@@ -10,6 +10,9 @@ from pathlib import Path
 from .config import ColoraError, load_config
 
 EXIT_BAD_INPUT = 2
+EXIT_RUNS_FAILED = 1  # colora compare: the sweep was valid, but some of its runs failed
+# An error line is one line of at most this many characters, whatever it quotes.
+MAX_ERROR_CHARS = 1000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a dotted config key, e.g. --set train.lr=1e-3 (repeatable)")
     run.add_argument("--out", help="run directory (default runs/<config name>-<timestamp>)")
-    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last completed round")
+    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last completed round; with --set, "
+                     "change settings that may change mid-run (learning rates, schedule, rounds, eval cadence)")
     rep = sub.add_parser("report", help="plots and an HTML page comparing run directories")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", required=True, metavar="REPORT_DIR")
@@ -39,14 +43,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args) -> int:
     from .engines import run_experiment
-    from .rundir import read_config
+    from .rundir import resume_config
 
     if args.resume:
-        if args.config or args.overrides:
-            raise ColoraError("--resume DIR takes no config file or --set: the run directory's config.yaml is used")
+        if args.config or args.out:
+            raise ColoraError("--resume DIR takes no config file or --out: the run directory's config.yaml is used "
+                              "(--set changes the settings that may change mid-run)")
         run_dir = Path(args.resume)
-        cfg = read_config(run_dir)
-        run_experiment(cfg, resume=run_dir)
+        cfg, changed = resume_config(run_dir, args.overrides)
+        run_experiment(cfg, resume=run_dir, changed=changed)
     else:
         if not args.config:
             raise ColoraError("colora run needs a CONFIG.yaml (or --resume DIR)")
@@ -66,17 +71,23 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    from .compare import format_table, load_sweep, run_sweep
+    from .compare import check_sweep, format_table, load_sweep, run_sweep
     from .report import load_run, main_metric, parse_target, time_to_target, write_report
 
     target = parse_target(args.target) if args.target else None
-    runs = load_sweep(args.sweep)  # every config validated before the first run
     if args.jobs < 1:
         raise ColoraError(f"--jobs {args.jobs}: needs at least 1")
     out = Path(args.out)
-    dirs = run_sweep(runs, out, args.jobs)
-    html = write_report(dirs, out, target=target)
-    loaded = [load_run(d) for d in dirs]
+    if out.exists() and not out.is_dir():
+        raise ColoraError(f"--out {out}: is a file, not a folder")
+    runs = load_sweep(args.sweep)  # every config validated ...
+    check_sweep(runs, out)  # ... and every entry's whole setup built, before the first run
+    result = run_sweep(runs, out, args.jobs)
+    if not result.finished:
+        print(f"colora: error: all {len(runs)} sweep runs failed, no report written: {result.failed[0]}", file=sys.stderr)
+        return EXIT_RUNS_FAILED
+    html = write_report(result.finished, out, target=target)
+    loaded = [load_run(d) for d in result.finished]
     metric = main_metric(loaded)
     rows = []
     for run in loaded:
@@ -91,6 +102,10 @@ def _compare(args) -> int:
         rows.append(row)
     print(format_table(rows))
     print(f"report: {html}")
+    if result.failed:
+        print(f"colora: error: {len(result.failed)} of {len(runs)} sweep runs failed (the report covers the others; "
+              f"rerun the same command to retry them): {'; '.join(result.failed)}"[:2000], file=sys.stderr)
+        return EXIT_RUNS_FAILED
     return 0
 
 
@@ -102,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _run, "report": _report, "compare": _compare}[args.command](args)
     except ColoraError as exc:
-        print(f"colora: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 3] + "..."
+        print(f"colora: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("colora: interrupted; completed rounds are checkpointed (colora run --resume DIR continues)", file=sys.stderr)

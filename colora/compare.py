@@ -15,17 +15,21 @@ costs nothing.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from .config import ColoraError, Config, build_config, dump_config
+from . import rundir
+from .config import ColoraError, Config, build_config, dump_config, quote, read_yaml
 
 SWEEP_KEYS = {"base", "set", "runs", "grid"}
 
@@ -40,18 +44,27 @@ def _short_name(over: dict) -> str:
 def load_sweep(path: str | Path) -> list[tuple[str, Config]]:
     """The (short name, validated config) of every run the sweep file describes, in order."""
     path = Path(path)
-    if not path.is_file():
-        raise ColoraError(f"sweep file '{path}' does not exist")
-    sweep = yaml.safe_load(path.read_text()) or {}
+    sweep = read_yaml(path, "sweep file")
+    sweep = {} if sweep is None else sweep
+    if not isinstance(sweep, dict):
+        raise ColoraError(f"sweep file '{path}' must hold a mapping (base, set, runs, grid)")
     unknown = set(sweep) - SWEEP_KEYS
     if unknown:
-        raise ColoraError(f"sweep file '{path}': unknown key '{sorted(unknown)[0]}' (expected base, set, runs, grid)")
-    if "base" not in sweep:
-        raise ColoraError(f"sweep file '{path}' needs a 'base' config")
+        raise ColoraError(f"sweep file '{path}': unknown key {quote(sorted(map(str, unknown))[0])} (expected base, set, runs, grid)")
+    if not isinstance(sweep.get("base"), str):
+        raise ColoraError(f"sweep file '{path}' needs a 'base' config (a path to a run config)")
+    shapes = {"set": (dict, "a mapping of dotted keys to values"), "grid": (dict, "a mapping of dotted keys to lists"),
+              "runs": (list, "a list of mappings of dotted keys to values")}
+    for key, (kind, what) in shapes.items():
+        if sweep.get(key) is not None and not isinstance(sweep[key], kind):
+            raise ColoraError(f"sweep file '{path}': '{key}' must be {what}")
+    if not all(isinstance(r, dict) for r in sweep.get("runs") or []) or not all(
+            isinstance(v, list) and v for v in (sweep.get("grid") or {}).values()):
+        raise ColoraError(f"sweep file '{path}': every entry of 'runs' must be a mapping and every 'grid' value a non-empty list")
     base_path = (path.parent / sweep["base"]).resolve()
-    if not base_path.is_file():
-        raise ColoraError(f"sweep file '{path}': base config '{sweep['base']}' does not exist")
-    base = yaml.safe_load(base_path.read_text()) or {}
+    base = read_yaml(base_path, f"sweep file '{path}': base config") or {}
+    if not isinstance(base, dict):
+        raise ColoraError(f"sweep file '{path}': base config '{sweep['base']}' must hold a mapping of config keys")
     grid = sweep.get("grid") or {}
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     out = []
@@ -76,62 +89,132 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(cols), line("-" * w for w in widths)] + [line(r[c] for c in cols) for r in rows])
 
 
-def run_sweep(runs: list[tuple[str, Config]], out: Path, jobs: int = 1) -> list[Path]:
-    """Run every config of a sweep into ``out/<index>-<name>/``; returns the run directories.
+def check_sweep(runs: list[tuple[str, Config]], out: Path) -> None:
+    """Everything that can be checked before a sweep runs, for every entry, naming the entry at fault:
+    its full setup (data files and columns, model, partition, ranks, split cut, topology, memory:
+    the in-process engine's construction, ~1 s an entry) and its run directory (a run of another
+    config, a folder that holds no run, or one another colora process is writing)."""
+    from .engines import InProcessEngine
 
-    A run whose directory already holds summary.json is kept; one with a checkpoint is resumed; one
-    that stopped before its first checkpoint starts again; a directory holding a run of a different
-    config, or no run at all, is an error (before anything runs).
-    ``jobs > 1`` runs that many at once, each a ``colora run`` process with cpu_count // jobs
-    threads and its log in ``out/<index>-<name>.log`` (results equal a sequential sweep: every run
-    is seeded by its own config). A failed run stops nothing else; the error names its log.
-    """
-    dirs = [out / f"{i}-{name}" for i, (name, _) in enumerate(runs)]
-    for (name, cfg), run_dir in zip(runs, dirs):  # validate every directory before touching any
+    for i, (name, cfg) in enumerate(runs):
+        run_dir = out / f"{i}-{name}"
         saved = run_dir / "config.yaml"
-        if saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.model_dump(mode="json"):
+        if saved.is_file() and _comparable(read_yaml(saved, "run config")) != _comparable(cfg.model_dump(mode="json")):
             raise ColoraError(f"{run_dir} holds a run of another config (its config.yaml differs from sweep run "
                               f"'{name}'); use a new --out or remove that directory")
-        if not saved.is_file() and run_dir.is_dir() and any(run_dir.iterdir()):
+        if run_dir.exists() and (not run_dir.is_dir() or (any(run_dir.iterdir()) and not rundir.is_run_dir(run_dir))):
             raise ColoraError(f"{run_dir} exists and holds no colora run; use a new --out or remove that directory")
-    todo = []
+        if rundir.is_locked(run_dir):
+            raise ColoraError(f"{run_dir} is in use by another colora process; wait for it, or use a new --out")
+        try:
+            InProcessEngine(cfg)
+        except ColoraError as exc:
+            raise ColoraError(f"sweep run {i} ({name}): {exc}") from None
+
+
+def _comparable(raw) -> dict:
+    """A config mapping without what colora adds at run start (the input pins)."""
+    return {k: v for k, v in raw.items() if k != "pinned_inputs"} if isinstance(raw, dict) else {}
+
+
+@dataclass
+class SweepResult:
+    """Run directories of the finished runs, and one line per run that failed."""
+
+    finished: list[Path]
+    failed: list[str]
+
+
+def run_sweep(runs: list[tuple[str, Config]], out: Path, jobs: int = 1) -> SweepResult:
+    """Run every config of a sweep into ``out/<index>-<name>/`` (call :func:`check_sweep` first).
+
+    A run whose directory already holds summary.json is kept; one with a checkpoint is resumed; one
+    that stopped before its first checkpoint starts again. A run that fails stops nothing else: its
+    error (and, for an unexpected one, the traceback) goes to ``out/<index>-<name>.log``.
+    ``jobs > 1`` runs that many at once, each a ``colora run`` process with cpu_count // jobs
+    threads and its log in ``out/<index>-<name>.log`` (results equal a sequential sweep: every run
+    is seeded by its own config). Those processes end with the sweep: on an interrupt, a
+    termination, or (Linux) the sweep process's death.
+    """
+    dirs = [out / f"{i}-{name}" for i, (name, _) in enumerate(runs)]
+    out.mkdir(parents=True, exist_ok=True)
+    todo, failed = [], {}
     for i, ((name, cfg), run_dir) in enumerate(zip(runs, dirs)):
         if (run_dir / "summary.json").is_file():
             print(f"[{i + 1}/{len(runs)}] {name}: already complete, kept")
-            continue
-        if (run_dir / "config.yaml").is_file() and not (run_dir / "checkpoint").is_dir():
-            shutil.rmtree(run_dir)  # this run stopped before its first checkpointed round: nothing to keep
-        todo.append((i, name, cfg, run_dir))
-    if jobs <= 1:
-        from .engines import run_experiment
+        else:
+            todo.append((i, name, cfg, run_dir))
+    runner = _run_here if jobs <= 1 else functools.partial(_run_processes, jobs=jobs)
+    for i, name, log, why in runner(todo, out, len(runs)):
+        failed[i] = f"run {i} ({name}) {why}; see {log}"
+        print(f"colora: sweep run {i} ({name}) failed: {why} (log: {log})", file=sys.stderr)
+    return SweepResult([d for i, d in enumerate(dirs) if i not in failed and (d / "summary.json").is_file()],
+                       [failed[i] for i in sorted(failed)])
 
-        for i, name, cfg, run_dir in todo:
-            print(f"[{i + 1}/{len(runs)}] {name}")
-            resume = (run_dir / "checkpoint").is_dir()
+
+def _run_here(todo, out: Path, total: int):
+    """Runs one after another in this process; yields (index, name, log, why) for each failure."""
+    from .engines import run_experiment
+
+    for i, name, cfg, run_dir in todo:
+        print(f"[{i + 1}/{total}] {name}")
+        resume = (run_dir / rundir.CHECKPOINT).is_file()
+        log = out / f"{i}-{name}.log"
+        try:
             run_experiment(cfg, resume=run_dir if resume else None, out=None if resume else str(run_dir))
-        return dirs
-    out.mkdir(parents=True, exist_ok=True)
+        except ColoraError as exc:
+            log.write_text(f"colora: error: {exc}\n")
+            yield i, name, log, f"stopped: {str(exc)[:200]}"
+        except Exception as exc:  # noqa: BLE001 - one run's crash must not end the others
+            log.write_text(traceback.format_exc())
+            yield i, name, log, f"crashed ({type(exc).__name__})"
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: SIGTERM when the sweep process dies, even by kill -9 (Linux prctl)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: an interrupt or termination of the sweep still ends its runs (see below)
+
+
+def _run_processes(todo, out: Path, total: int, jobs: int):
+    """Up to ``jobs`` ``colora run`` processes at once; yields (index, name, log, why) for each failure.
+
+    SIGTERM to the sweep becomes an exception here, so the ``finally`` ends every running child
+    (and waits for it) before the sweep exits; children also die with the sweep through prctl."""
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
-    pending, running, failed = list(todo), {}, []
-    while pending or running:
-        while pending and len(running) < jobs:
-            i, name, cfg, run_dir = pending.pop(0)
-            if (run_dir / "checkpoint").is_dir():
-                argv = ["run", "--resume", str(run_dir)]
-            else:
-                cfg_file = out / f"{i}-{name}.yaml"
-                cfg_file.write_text(dump_config(cfg))
-                argv = ["run", str(cfg_file), "--out", str(run_dir)]
-            log = out / f"{i}-{name}.log"
-            print(f"[{i + 1}/{len(runs)}] {name} (log: {log})")
-            with open(log, "w") as fh:
-                proc = subprocess.Popen([sys.executable, "-m", "colora", *argv], stdout=fh, stderr=subprocess.STDOUT, env=env)
-            running[proc] = (i, name, log)
-        time.sleep(0.2)
-        for proc in [p for p in running if p.poll() is not None]:
-            i, name, log = running.pop(proc)
-            if proc.returncode != 0:
-                failed.append(f"run {i} ({name}) exited with {proc.returncode}; see {log}")
-    if failed:
-        raise ColoraError(f"{len(failed)} sweep run(s) failed, the others are kept: {failed[0]}")
-    return dirs
+    pending, running = list(todo), {}
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() else None
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, name, cfg, run_dir = pending.pop(0)
+                if (run_dir / rundir.CHECKPOINT).is_file():
+                    argv = ["run", "--resume", str(run_dir)]
+                else:
+                    cfg_file = out / f"{i}-{name}.yaml"
+                    cfg_file.write_text(dump_config(cfg))
+                    argv = ["run", str(cfg_file), "--out", str(run_dir)]
+                log = out / f"{i}-{name}.log"
+                print(f"[{i + 1}/{total}] {name} (log: {log})")
+                with open(log, "w") as fh:
+                    proc = subprocess.Popen([sys.executable, "-m", "colora", *argv], stdout=fh, stderr=subprocess.STDOUT,
+                                            env=env, preexec_fn=_die_with_parent)
+                running[proc] = (i, name, log)
+            time.sleep(0.2)
+            for proc in [p for p in running if p.poll() is not None]:
+                i, name, log = running.pop(proc)
+                if proc.returncode != 0:
+                    yield i, name, log, f"exited with {proc.returncode}"
+    finally:
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            proc.wait()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

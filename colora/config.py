@@ -8,6 +8,7 @@ message naming the dotted key and the offending value (see CONTRACT.md).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,85 +27,235 @@ class ConfigError(ColoraError):
     """The configuration names an unknown key or holds a wrong or impossible value."""
 
 
+class NonFiniteError(ColoraError):
+    """Training produced NaN or inf; ``setting`` is the config key most likely at fault."""
+
+    def __init__(self, message: str, setting: str):
+        super().__init__(message)
+        self.setting = setting
+
+
+# An error line quotes at most this much of any value it names: a value can be huge (a YAML alias
+# bomb expands 300 bytes into millions of characters) or be a line of a file that is not ours to print.
+QUOTE_CHARS = 80
+# A YAML document may expand (through aliases) to at most this many values: far above any real
+# config, far below what makes validation or an error message hang.
+MAX_YAML_VALUES = 100_000
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters (with ``...``) so an error stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """The text of ``path`` as UTF-8 (a leading BOM dropped), or a :class:`ConfigError` naming the
+    file and what is wrong (missing, unreadable, not UTF-8); never the file's content."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist" if not path.exists() else f"{what} '{path}' is not a file")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text (invalid byte at offset {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} '{path}' cannot be read ({exc.strerror})") from None
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML text parsed safely; a syntax error or a document that expands (through aliases) to
+    more than MAX_YAML_VALUES values is a one-line :class:`ConfigError` naming ``what``."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise ConfigError(f"{what} is not valid YAML: {problem}{where}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} is not valid YAML: nested too deeply") from None
+    stack, seen = [data], 0
+    while stack:  # count values as validation would see them, aliases expanded, stopping early
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{what} expands to more than {MAX_YAML_VALUES} values (YAML aliases?); a config is far smaller")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return data
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file read as UTF-8 and parsed safely (see :func:`parse_yaml`)."""
+    return parse_yaml(read_text_file(path, what), f"{what} '{path}'")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: inf and NaN are refused for every float key at load (a NaN lr would only
+    # surface as a NaN model rounds later). Attribute docstrings are the keys' descriptions in
+    # docs/config.md (generated from these classes by ``python -m colora.configdoc``).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 class LoraConfig(_Strict):
+    """The LoRA adapter (peft) attached to the frozen base: ΔW = (alpha / r) · B · A per target module."""
+
     r: int = Field(8, gt=0)
+    """LoRA rank: A is r x d_in, B is d_out x r. Every client's rank unless ``federation.ranks`` or
+    ``federation.rank_rule`` says otherwise; at most min(d_in, d_out) of every target module."""
     alpha: float = Field(16.0, gt=0)
+    """Scale numerator: peft applies the update as (alpha / r) · B · A."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # null = the model family's default (BERT: query, value; GPT-2: c_attn; LLaMA: q_proj, v_proj).
+    """Dropout probability on the LoRA input path (peft's ``lora_dropout``); seeded per client and step."""
     target_modules: list[str] | None = None
+    """Names of the linear modules that get LoRA; null = the model family's default (BERT: query, value;
+    GPT-2: c_attn; LLaMA: q_proj, v_proj)."""
 
 
 class ModelConfig(_Strict):
+    """The frozen base model and the LoRA adapter trained on it."""
+
     name: str = "minilm-l6"
+    """A Hugging Face hub id, a local model folder, or an alias: ``minilm-l6`` (pretrained
+    all-MiniLM-L6-v2 encoder), ``tiny-bert``, ``tiny-gpt2``, ``tiny-llama`` (tiny random models for tests)."""
     task: Literal["seq-cls", "causal-lm"] = "seq-cls"
+    """``seq-cls``: sequence classification (or regression) with a trained head; ``causal-lm``:
+    next-token language modelling (e.g. E2E data-to-text). Must match the data set's kind."""
     lora: LoraConfig = LoraConfig()
-    # Frozen base weights quantized at load (QLoRA-style, colora/quantize.py): int8 or 4-bit NF4.
+    """The LoRA adapter."""
     quantize: Literal["none", "int8", "4bit"] = "none"
+    """Frozen base weights quantized at load (QLoRA-style, bitsandbytes, the ``quant`` extra): ``none``
+    keeps fp32; ``int8``; ``4bit`` is NF4. Saves base-weight memory, not time (on CPU a step is ~5% slower);
+    LoRA weights stay fp32. ``federation.aggregator: stack`` refuses it."""
 
 
 class DataConfig(_Strict):
+    """The task's data: which data set, where it lives, and how it is tokenized."""
+
     name: str = "synthetic"
+    """The data set: ``glue/<task>`` (cola, sst2, mrpc, stsb, qqp, rte, qnli, mnli), ``e2e`` (causal LM),
+    ``jsonl`` or ``csv`` (your files, columns below), or ``synthetic`` (a built-in 4-class task, no files)."""
     path: str | None = None
+    """Local data folder: GLUE TSVs (``train.tsv``, ``dev.tsv``), E2E ``meaning||text`` files, or
+    ``train`` and ``dev`` (or ``test``) ``.jsonl``/``.csv`` files; null = the hub (glue, e2e).
+    Required for jsonl and csv. Made absolute at load and pinned by content hash for ``--resume``."""
     max_length: int = Field(128, gt=0)
+    """Tokens per example; longer examples are truncated. Must fit the model's position embeddings;
+    also the sequence length of the memory estimate."""
     text_column: str = "text"
+    """jsonl/csv: the column holding the text (causal-lm: the prompt, or the whole text)."""
     text_pair_column: str | None = None
+    """jsonl/csv: an optional second-sentence column (causal-lm: the target text); null = single texts."""
     label_column: str = "label"
+    """jsonl/csv, seq-cls: the label column (integer class ids, strings as classes, or real numbers:
+    more than 20 distinct values make a regression task)."""
     synthetic_train: int = Field(2000, gt=0)
+    """``synthetic``: number of training examples (generated from ``seed``)."""
     synthetic_eval: int = Field(500, gt=0)
+    """``synthetic``: number of evaluation examples."""
     max_train: int | None = Field(None, gt=0)
+    """Keep only the first N training examples, before partitioning; null = all."""
     max_eval: int | None = Field(None, gt=0)
+    """Evaluate on the first N evaluation examples only; null = all."""
 
 
 class ClientsConfig(_Strict):
+    """The simulated data owners and how the training set is split among them."""
+
     num: int = Field(10, gt=0)
+    """Number of clients (data owners); the training set is partitioned among them."""
     per_round: int = Field(10, gt=0)
+    """Clients sampled each round, seeded (fedavg, sl, splitlora); at most ``clients.num``.
+    ``declora`` trains every client every round; ``central`` has no clients."""
     partition: Literal["iid", "dirichlet", "shards", "label_skew"] = "iid"
+    """``iid``: shuffled, equal-size blocks; ``dirichlet``: label skew, per-class Dirichlet(``clients.alpha``)
+    shares; ``shards``: ``clients.shards_per_client`` label-sorted shards each; ``label_skew``: the class
+    proportions given in ``clients.proportions``."""
     alpha: float = Field(0.5, gt=0)
+    """Dirichlet concentration for ``partition: dirichlet``; smaller is more skewed."""
     shards_per_client: int = Field(2, gt=0)
-    # label_skew: one row per client of class proportions (each row sums to 1), e.g. Dec-LoRA's
-    # [[0.15, 0.85], [0.85, 0.15], [0.5, 0.5]]; one entry per class is checked at partition time.
+    """Label-sorted shards per client for ``partition: shards``."""
     proportions: list[list[float]] | None = None
+    """``partition: label_skew``: one row of class proportions per client, each row >= 0 and summing to 1,
+    one entry per class, e.g. Dec-LoRA's [[0.15, 0.85], [0.85, 0.15], [0.5, 0.5]]."""
 
 
 class TrainConfig(_Strict):
+    """Local training: the optimizer steps every client (or the central run) takes."""
+
     local_steps: int = Field(10, gt=0)
+    """Optimizer steps per client per round (``central``: steps per round on the pooled data)."""
     batch_size: int = Field(16, gt=0)
+    """Training examples per optimizer step."""
     eval_batch_size: int = Field(64, gt=0)
+    """Examples per evaluation batch (speed and memory only; the metrics do not change)."""
     lr: float = Field(5.0e-4, gt=0)
+    """Learning rate of the local optimizer (the peak, after warm-up)."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate over rounds after warm-up: ``constant``; ``linear`` decay towards 0; ``cosine``
+    half-cosine decay towards 0. The same per round in every paradigm."""
     warmup_rounds: int = Field(0, ge=0)
+    """Rounds of linear warm-up from lr / warmup_rounds to lr; 0 = none."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    # reset: a fresh local optimizer every round (classic FedAvg); keep: each client keeps its
-    # optimizer moments across the rounds it takes part in (2 x adapter bytes per client for AdamW).
+    """Local optimizer: ``adamw`` or plain ``sgd`` (no momentum)."""
     client_optimizer: Literal["reset", "keep"] = "reset"
+    """``reset``: a fresh local optimizer every round (classic FedAvg); ``keep``: each client keeps its
+    optimizer moments across the rounds it takes part in (2 x adapter bytes per client for AdamW)."""
     weight_decay: float = Field(0.0, ge=0)
+    """Weight decay of the local optimizer on the trainable parameters (decoupled for AdamW)."""
     max_grad_norm: float | None = Field(None, gt=0)
+    """Clip the trainable parameters' gradient norm to this value every step; null = no clipping."""
     prox_mu: float = Field(0.0, ge=0)
-    # bf16: forward and backward under torch.autocast (matmuls in bfloat16, ~1.8x faster per step on
-    # CPUs with AVX512-BF16, half the activation memory); parameters, optimizer moments, aggregation
-    # and the bytes on the wire stay fp32.
+    """FedProx: adds prox_mu / 2 · ||θ - θ_start||² over the adapter to each local loss, θ_start being the
+    state the client's round began from (fedavg, declora; refused by sl and splitlora); 0 = off."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    """``bf16``: forward and backward under torch.autocast (matmuls in bfloat16, ~1.8x faster per step on
+    CPUs with AVX512-BF16, half the activation memory); parameters, optimizer moments, aggregation
+    and the bytes on the wire stay fp32."""
 
 
 class FederationConfig(_Strict):
+    """How the server combines client adapters (fedavg; the client-side adapters of splitlora), and
+    which LoRA rank each client trains."""
+
     aggregator: Literal["fedit", "zero_pad", "svd", "stack", "product", "hlora"] = "fedit"
+    """``fedit``: average every tensor (equal ranks); ``product``: mean of the updates B·A re-factored at
+    rank r (equal ranks); ``zero_pad`` (HetLoRA): pad factors to the largest rank and average; ``svd``
+    (FlexLoRA): SVD of the mean update, each client's top components; ``stack`` (FLoRA, fedavg only): exact
+    stacked update merged into the base, fresh adapters each round; ``hlora``: svd with ranks by data size."""
     server_optimizer: Literal["none", "fedavgm", "fedadam", "fedyogi"] = "none"
+    """Server step on the pseudo-gradient (global minus aggregate): ``none`` takes the aggregate;
+    ``fedavgm``: heavy-ball momentum; ``fedadam``, ``fedyogi``: adaptive (Reddi et al. 2021).
+    fedavg with ``aggregator: fedit`` only."""
     server_lr: float = Field(1.0, gt=0)
+    """Server optimizer step size (unused with ``server_optimizer: none``)."""
     server_momentum: float = Field(0.9, ge=0, lt=1)
+    """Momentum of fedavgm; first-moment decay (beta1) of fedadam and fedyogi."""
     server_beta2: float = Field(0.99, ge=0, lt=1)
+    """Second-moment decay (beta2) of fedadam and fedyogi."""
     server_tau: float = Field(1.0e-3, gt=0)
+    """Adaptivity tau of fedadam and fedyogi: added to sqrt(v), and v starts at tau²."""
     weighting: Literal["samples", "uniform"] = "samples"
+    """Client weights in aggregation: ``samples`` by local data size (FedAvg); ``uniform`` equal."""
     ranks: list[int] | None = None
+    """One LoRA rank per client (``clients.num`` entries, each > 0), overriding ``rank_rule``; null = use
+    ``rank_rule``. Mixed ranks need zero_pad, svd, stack or hlora (fedit, product and sl refuse them)."""
     rank_rule: Literal["uniform", "data_size", "resource"] = "uniform"
+    """``uniform``: every client at ``model.lora.r``; ``data_size`` (HLoRA): data-size quantile groups get
+    increasing ranks from ``rank_set``; ``resource``: ranks from each client's FLOP/s tier, capped so the
+    estimated training memory fits its ``memory_gb``."""
     rank_set: list[int] = [2, 4, 8]
-    # HetLoRA options of the zero_pad aggregator (colora/aggregation/zero_pad.py): weigh each module's
-    # clients by the norm of their update; rank self-pruning with decay gamma in (0, 1), null = off.
+    """The ranks ``data_size``, ``resource`` and ``aggregator: hlora`` choose from (non-empty, each > 0)."""
+    # HetLoRA options of the zero_pad aggregator (colora/aggregation/zero_pad.py).
     hetlora_sparsity_weighting: bool = False
+    """zero_pad only (HetLoRA): also weigh each module's clients by the norm of their update ||ΔW_k||_F."""
     hetlora_prune_gamma: float | None = Field(None, gt=0, lt=1)
+    """zero_pad only (HetLoRA rank self-pruning): a client whose tail components [gamma·r, r) carry less
+    than last time drops to rank max(1, floor(gamma·r)); null = off. Not for sl and splitlora."""
 
     @model_validator(mode="after")
     def _ranks_positive(self) -> "FederationConfig":
@@ -125,32 +276,64 @@ class FederationConfig(_Strict):
 
 
 class SplitConfig(_Strict):
+    """Split learning (``sl``, ``splitlora``): where the model is cut and what crosses the cut."""
+
     layer: int = Field(3, gt=0)
+    """Cut before this block: the client runs embeddings + blocks [0, layer), the server the rest;
+    must lie in [1, n_layers - 1]."""
     server: Literal["shared", "per_client"] = "shared"
+    """``shared`` (SplitFed-V2): one server adapter, updated for each client's batch in turn;
+    ``per_client`` (SplitFed-V1): one server adapter per client, averaged with the client adapters.
+    ``sl`` needs shared."""
     aggregate_every: int = Field(10, gt=0)
+    """splitlora: average the client-side adapters every this many local steps (and at each round's end)."""
     u_shaped: bool = False
+    """true: head and loss stay on the client, so labels never leave it (one more exchange per step);
+    false: labels travel to the server with every batch."""
     activation_dtype: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
+    """Encoding of activations and gradients sent across the cut: ``fp32`` (4 bytes/value, exact),
+    ``bf16`` or ``fp16`` (2 bytes/value), ``int8`` (per-row scales, about a quarter of fp32)."""
 
 
 class GossipConfig(_Strict):
+    """Decentralized training (``declora``): the communication graph and how neighbours mix."""
+
     topology: str = "ring"
+    """ring, complete, erdos_renyi, torus, grid, exponential (peers at distance 2^i), star, or the path
+    of an edge-list file (``i j`` per line; pinned by content hash for ``--resume``)."""
     p: float = Field(0.3, ge=0, le=1)
+    """Edge probability of ``erdos_renyi`` (seeded)."""
     mixing: Literal["metropolis", "laplacian", "uniform"] = "metropolis"
+    """Doubly stochastic mixing matrix: ``metropolis`` (Metropolis-Hastings weights), ``laplacian``
+    (I - 2L/(3·λmax)), ``uniform`` (1/n; complete graph only)."""
     quantize_bits: Literal[0, 4, 8] = 0
+    """0 = full-precision gossip; 8 or 4: CHOCO-compressed gossip of differences, stochastically
+    rounded to that many bits (per-row scales)."""
     topk: float = Field(0.0, ge=0, le=1)
+    """0 = off; else CHOCO gossip sends only this fraction of each tensor's entries (largest |x|)."""
     gamma: float = Field(1.0, gt=0, le=1)
+    """Consensus step size of compressed (CHOCO) gossip; unused without compression."""
     time_varying: bool = False
+    """true: a new graph every round (erdos_renyi: a fresh draw; others: a random relabelling); every
+    5-round window's union must be connected."""
     eval_clients: bool = False
+    """true: also evaluate each client's own adapter and log mean/min/max (one extra evaluation per
+    client at every evaluation)."""
 
 
 class DeviceProfile(_Strict):
     """One device class of the cost model: compute speed, links, memory."""
 
-    flops: float = Field(gt=0)  # sustained FLOP/s on training work
-    up_mbps: float = Field(gt=0)  # uplink, megabit/s
-    down_mbps: float = Field(gt=0)  # downlink, megabit/s
-    latency_s: float = Field(ge=0)  # one-way latency per message
+    flops: float = Field(gt=0)
+    """Sustained FLOP/s on training work (not the datasheet peak)."""
+    up_mbps: float = Field(gt=0)
+    """Uplink rate, megabit/s."""
+    down_mbps: float = Field(gt=0)
+    """Downlink rate, megabit/s."""
+    latency_s: float = Field(ge=0)
+    """One-way latency per message, seconds."""
     memory_gb: float = Field(gt=0)
+    """Memory the device can give to training, GB (checked against the training-memory estimate)."""
 
 
 PRESETS_FILE = Path(__file__).with_name("presets") / "system.yaml"
@@ -158,13 +341,28 @@ PROFILE_FIELDS = ("flops", "up_mbps", "down_mbps", "latency_s", "memory_gb")
 
 
 def load_presets(path: str | None = None) -> dict[str, dict]:
-    """Named device presets: colora's own (``colora/presets/system.yaml``), then ``path``'s (same format), which win."""
+    """Named device presets: colora's own (``colora/presets/system.yaml``), then ``path``'s (same format), which win.
+
+    A malformed file (not UTF-8, not YAML, not a mapping of name -> {client: {...}, server: {...}})
+    is a ValueError naming the file and the first problem."""
     presets = yaml.safe_load(PRESETS_FILE.read_text())
     if path is not None:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise ValueError(f"system.presets_file={path!r}: no such file")
-        presets.update(yaml.safe_load(file.read_text()) or {})
+        what = f"system.presets_file={path!r}"
+        try:
+            own = read_yaml(Path(path).expanduser(), "system.presets_file")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if own is None:
+            own = {}
+        if not isinstance(own, dict):
+            raise ValueError(f"{what}: expected a mapping of preset names to {{client: ..., server: ...}}")
+        for name, preset in own.items():
+            if not isinstance(preset, dict) or set(preset) - {"client", "server"} or not all(
+                    isinstance(preset.get(role, {}), dict) for role in ("client", "server")):
+                raise ValueError(f"{what}: preset {quote(name)} must be a mapping with 'client' and/or 'server' "
+                                 f"profiles ({', '.join(PROFILE_FIELDS)})")
+            presets[name] = {role: {**presets.get(name, DEFAULT_PROFILES)[role], **(preset.get(role) or {})}
+                             for role in ("client", "server")}
     return presets
 
 
@@ -177,8 +375,12 @@ class Heterogeneity(_Strict):
     """
 
     distribution: Literal["fixed", "uniform", "lognormal"] = "fixed"
+    """``fixed``: every client is ``system.client``; ``uniform`` or ``lognormal``: each client's fields
+    times its own factor, drawn from the run's seed (see above)."""
     spread: float = Field(0.0, ge=0)
+    """Width of the factors' distribution (uniform: below 1); 0 = identical clients."""
     fields: list[Literal["flops", "up_mbps", "down_mbps", "latency_s", "memory_gb"]] = ["flops", "up_mbps", "down_mbps"]
+    """The profile fields that vary across clients, each with its own independent factor."""
 
     @model_validator(mode="after")
     def _positive(self) -> "Heterogeneity":
@@ -197,11 +399,20 @@ class SystemConfig(_Strict):
     under client/server (``--set system.client.up_mbps=5`` keeps the other fields)."""
 
     presets_file: str | None = None
+    """A YAML file of your own presets, in the format of ``colora/presets/system.yaml``; its names win
+    over the built-in ones. Pinned by content hash for ``--resume``."""
     preset: str | None = None
+    """A named preset: edge-weak, edge-strong, datacenter, fast-client-slow-link, or one of
+    ``presets_file``; null = the defaults below (a laptop-class client on a home link, one data-centre GPU server)."""
     enforce_memory: bool = False
+    """true: stop before training if a client's estimated training memory exceeds its ``memory_gb``;
+    false: list such clients in system.json and warn."""
     client: DeviceProfile = DeviceProfile(**DEFAULT_PROFILES["client"])
+    """Every client's base device profile (before ``heterogeneity``); defaults come from ``preset``."""
     server: DeviceProfile = DeviceProfile(**DEFAULT_PROFILES["server"])
+    """The server's device profile (``central`` training, the server side of split learning, aggregation)."""
     heterogeneity: Heterogeneity = Heterogeneity()
+    """How client devices differ around ``system.client``."""
 
     @model_validator(mode="before")
     @classmethod
@@ -226,36 +437,71 @@ class SystemConfig(_Strict):
 
 
 class LogConfig(_Strict):
+    """What a run writes and shows besides metrics.jsonl."""
+
     tensorboard: bool = False
+    """true: write every metrics row as TensorBoard scalars under ``RUN_DIR/tensorboard`` (needs the ``tb`` extra)."""
     progress: bool = True
+    """true: a progress bar when stderr is a terminal; false: never (the per-round log lines stay)."""
 
 
 class EvalConfig(_Strict):
+    """Evaluation of the global adapter on the eval split."""
+
     every: int = Field(1, gt=0)
-    # Data-to-text (E2E): greedy generation for this many distinct eval inputs, scored with BLEU,
-    # NIST, ROUGE-L, CIDEr (colora.nlg); 0 = off.
+    """Evaluate every this many rounds (round 0 and the last round are always evaluated)."""
     generate: int = Field(0, ge=0)
+    """Data-to-text (E2E): greedy generation for this many distinct eval inputs, scored with BLEU,
+    NIST, ROUGE-L, CIDEr (colora.nlg); 0 = off."""
     max_new_tokens: int = Field(64, gt=0)
+    """Most tokens generated per input when ``generate`` is on."""
 
 
 class Config(_Strict):
     """The whole experiment. Field names and defaults follow CONTRACT.md."""
 
-    name: str | None = None
-    seed: int = 0
+    name: str | None = Field(None, max_length=200)
+    """Run name: the run directory is ``runs/<name>-<timestamp>`` unless ``--out`` is given (default: the config file's stem)."""
+    seed: int = Field(0, ge=0)
+    """Seeds everything: partitions, client sampling, batches, LoRA init, dropout."""
     algorithm: Literal["central", "fedavg", "sl", "splitlora", "declora"] = "fedavg"
+    """The paradigm: ``central`` (LoRA on the pooled data), ``fedavg`` (federated LoRA), ``sl`` (sequential
+    split learning), ``splitlora`` (parallel split learning, SplitLoRA), ``declora`` (serverless gossip, Dec-LoRA)."""
     engine: Literal["inprocess"] = "inprocess"
+    """Where client work runs: ``inprocess``, one resident model with clients simulated in turn."""
     rounds: int = Field(20, gt=0)
+    """Communication rounds; each takes ``train.local_steps`` steps per client (central: on the pooled data)."""
     model: ModelConfig = ModelConfig()
+    """The base model and its LoRA adapter."""
     data: DataConfig = DataConfig()
+    """The data set."""
     clients: ClientsConfig = ClientsConfig()
+    """The clients and the data partition."""
     train: TrainConfig = TrainConfig()
+    """Local training."""
     federation: FederationConfig = FederationConfig()
+    """Aggregation, server optimizer and per-client ranks."""
     split: SplitConfig = SplitConfig()
+    """Split learning (sl, splitlora)."""
     gossip: GossipConfig = GossipConfig()
+    """Gossip (declora)."""
     system: SystemConfig = SystemConfig()
+    """Device profiles of the cost model (simulated time, memory check)."""
     log: LogConfig = LogConfig()
+    """Logging."""
     eval: EvalConfig = EvalConfig()
+    """Evaluation."""
+
+    pinned_inputs: dict[str, str] = {}
+    """Written by colora, not by you: the sha256 of every input file a run reads, by config key
+    (``data.path``, ``gossip.topology``, ``system.presets_file``); ``--resume`` refuses to go on if one changed."""
+
+    @model_validator(mode="after")
+    def _name_is_a_folder_name(self) -> "Config":
+        if self.name is not None and (not self.name or any(c in self.name for c in "/\\\0") or self.name in (".", "..")):
+            raise ValueError(f"name={quote(self.name)}: a run name becomes a folder under runs/, so it cannot be "
+                             f"empty, '.' or '..', or hold '/' or '\\'")
+        return self
 
     @model_validator(mode="after")
     def _label_skew_proportions(self) -> "Config":
@@ -294,14 +540,16 @@ def _check_proportions(c: ClientsConfig) -> None:
 
 
 def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    first = err.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in first["loc"])[:QUOTE_CHARS]
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{loc}'"
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "finite_number":
+        msg = "inf and NaN are not allowed; give a finite number"
     if not loc or msg.startswith(f"{loc}."):  # a cross-field or section check already names its keys
         return msg
-    return f"{loc}={first.get('input')!r}: {msg}"
+    return f"{loc}={quote(first.get('input'))}: {msg}"
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -319,11 +567,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Split ``a.b=value`` and parse the value as a YAML scalar or list."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set expects KEY=VALUE, got '{text}'")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot parse value '{value}' ({exc.__class__.__name__})") from None
+        raise ConfigError(f"--set expects KEY=VALUE, got {quote(text)}")
+    return key.strip(), parse_yaml(value, f"--set {key.strip()[:QUOTE_CHARS]}")
 
 
 def build_config(raw: dict | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -333,27 +578,41 @@ def build_config(raw: dict | None, overrides: dict[str, Any] | None = None) -> C
         raise ConfigError("the config file must hold a mapping of keys at its top level")
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
+    _absolute_input_paths(raw)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
-    if cfg.data.path is not None:
-        path = Path(cfg.data.path).expanduser()
-        if not path.exists():
-            raise ConfigError(f"data.path={cfg.data.path!r}: no such file or folder")
-        cfg.data.path = str(path.resolve())
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path={quote(cfg.data.path)}: no such file or folder")
     return cfg
+
+
+# Built-in gossip topologies (colora.topology builds them); any other gossip.topology is a file path.
+TOPOLOGY_NAMES = ("ring", "complete", "erdos_renyi", "torus", "grid", "exponential", "star")
+# Config keys naming files a run reads: made absolute at load (a resumed run from another working
+# directory reads the same files) and pinned by content hash in config.yaml (colora.rundir).
+INPUT_KEYS = ("data.path", "gossip.topology", "system.presets_file")
+
+
+def _absolute_input_paths(raw: dict) -> None:
+    """Rewrite each INPUT_KEYS path of ``raw`` that exists as an absolute path (relative paths are
+    relative to the working directory); values of the wrong type are left to validation."""
+    for key in INPUT_KEYS:
+        section, field = key.split(".")
+        node = raw.get(section)
+        value = node.get(field) if isinstance(node, dict) else None
+        if not isinstance(value, str) or (key == "gossip.topology" and value in TOPOLOGY_NAMES):
+            continue
+        path = Path(value).expanduser()
+        if path.exists():
+            node[field] = str(path.resolve())
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config file and apply ``--set`` style overrides."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = read_yaml(path, "config file") or {}
     parsed = dict(parse_override(o) for o in overrides or [])
     cfg = build_config(raw, parsed)
     if cfg.name is None:

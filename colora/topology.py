@@ -30,9 +30,8 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 
-from .config import ColoraError, GossipConfig
-
-TOPOLOGIES = ("ring", "complete", "erdos_renyi", "torus", "grid", "exponential", "star")
+from .config import TOPOLOGY_NAMES as TOPOLOGIES
+from .config import ColoraError, GossipConfig, read_text_file
 MIXINGS = ("metropolis", "laplacian", "uniform")
 UNION_WINDOW = 5  # rounds over which a time-varying graph's union must be connected
 _TOL = 1e-12
@@ -100,14 +99,15 @@ def read_edge_list(path: str | Path, n: int) -> nx.Graph:
     relative to the working directory (also when a run is resumed).
     """
     g = nx.empty_graph(n)
-    for lineno, raw in enumerate(Path(path).read_text().splitlines(), start=1):
+    for lineno, raw in enumerate(read_text_file(path, "gossip.topology edge-list file").splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
         where = f"gossip.topology={str(path)!r} line {lineno}"
-        if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
-            raise ColoraError(f"{where}: expected two node ids 'i j', got {raw.strip()!r}")
+        if len(parts) != 2 or not all(p.lstrip("-").isdigit() and len(p) < 10 for p in parts):
+            # The line itself is not echoed: the path may point at a file that is not ours to print.
+            raise ColoraError(f"{where}: expected two node ids 'i j' (0-based integers), got {len(parts)} field(s) that are not")
         i, j = int(parts[0]), int(parts[1])
         for v in (i, j):
             if not 0 <= v < n:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import AdapterSlots, RankedAdapters
-from .config import ColoraError, TrainConfig
+from .config import NonFiniteError, TrainConfig
 from .data import Task, TextDataset
 from .types import ClientResult, ClientTask
 
@@ -183,9 +183,7 @@ class LocalTrainer:
             flops += f
         state = slots.get()
         if not all(math.isfinite(v) for v in losses) or any(not torch.isfinite(t).all() for t in state.values()):
-            raise ColoraError(
-                f"client {task.client_id} produced a non-finite update (train.lr={task.lr:g} may be too high)"
-            )
+            raise NonFiniteError(f"client {task.client_id}'s local training produced NaN or inf", "train.lr")
         return ClientResult(task.client_id, state, len(self.parts[task.client_id]), float(np.mean(losses)), flops, task.steps)
 
     def _step(self, batch, opt, anchor, slots: AdapterSlots) -> tuple[float, float]:

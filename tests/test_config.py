@@ -67,7 +67,8 @@ def test_bad_values_name_key_and_value(over, needle):
         (["run", "{cfg}", "--set", "data.name=glue/nope", "--set", "data.path=."], "nope"),
         (["run", "{cfg}", "--set", "model.name=/no/such/model"], "model.name='/no/such/model'"),
         (["run", "{cfg}", "--set", "algorithm=splitlora", "--set", "split.layer=9"], "split.layer=9 is outside [1, 3]"),
-        (["run", "--resume", "{tmp}/nothing"], "no config.yaml"),
+        (["run", "--resume", "{tmp}"], "no config.yaml"),
+        (["run", "--resume", "{tmp}/nothing"], "no such folder"),
         (["report", "{tmp}/nothing", "--out", "{tmp}/rep"], "nothing"),
     ],
 )

@@ -127,6 +127,7 @@ def test_compare_jobs_runs_in_parallel_processes_with_the_same_results(tmp_path,
             numbers = [k for k, v in a.items() if isinstance(v, float) and k != "wall_time_s"]
             assert a.keys() == b.keys() and a["round"] == b["round"] and numbers
             assert [b[k] for k in numbers] == pytest.approx([a[k] for k in numbers], rel=1e-5, abs=1e-6)
-    bad = _sweep(tmp_path, [{"data.name": "glue/mrpc", "data.path": str(tmp_path)}])  # no train.tsv there
+    bad = _sweep(tmp_path, [{"algorithm": "central"}, {"data.name": "glue/mrpc", "data.path": str(tmp_path)}])  # no train.tsv there
     assert main(["compare", str(bad), "--out", str(tmp_path / "bad"), "--jobs", "2"]) == 2
-    assert "sweep run(s) failed" in capsys.readouterr().err
+    err = capsys.readouterr().err  # refused while validating: nothing ran
+    assert "sweep run 1 (" in err and "train.tsv: no such file" in err and not (tmp_path / "bad" / "0-central").exists()

@@ -35,7 +35,7 @@ def test_unknown_preset_and_custom_presets_file(tmp_path):
     mine.write_text(yaml.safe_dump({"phone": {"client": profile, "server": profile}}))
     cfg = tiny_config(system__preset="phone", system__presets_file=str(mine))
     assert cfg.system.client == DeviceProfile(**profile)
-    with pytest.raises(ConfigError, match="system.presets_file='nope.yaml': no such file"):
+    with pytest.raises(ConfigError, match="system.presets_file 'nope.yaml' does not exist"):
         tiny_config(system__preset="phone", system__presets_file="nope.yaml")
 
 

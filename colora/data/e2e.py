@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from colora.data.types import DataError, Task, TextDataset
+from colora.data.types import DataError, Task, TextDataset, read_data_text
 
 
 def load_e2e(path: str | None) -> Task:
@@ -54,13 +54,12 @@ def _pick_files(folder: Path) -> tuple[Path, Path]:
 def _read_lines(path: Path) -> TextDataset:
     meanings: list[str] = []
     texts: list[str] = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line in f:
-            if "||" not in line:
-                continue
-            meaning, text = line.split("||", 1)
-            meanings.append(meaning.strip())
-            texts.append(text.strip())
+    for line in read_data_text(path).splitlines():
+        if "||" not in line:
+            continue
+        meaning, text = line.split("||", 1)
+        meanings.append(meaning.strip())
+        texts.append(text.strip())
     if not meanings:
         raise DataError(f"{path}: no 'meaning||text' lines")
     return TextDataset(meanings, texts, None)

@@ -19,11 +19,13 @@ MNLI [contradiction, entailment, neutral] (alphabetical; note this differs from 
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from colora.data.types import DataError, Task, TextDataset
+from colora.data.types import DataError, Task, TextDataset, read_data_text
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +135,12 @@ def _parse_label(value: str, spec: GlueSpec, where: str) -> int | float | None:
     value = value.strip()
     if not spec.label_names:
         try:
-            return float(value)
+            score = float(value)
         except ValueError:
-            raise DataError(f"{where}: score {value!r} is not a number") from None
+            score = math.nan
+        if not math.isfinite(score):
+            raise DataError(f"{where}: the score is not a finite number") from None
+        return score
     if value in spec.label_names:
         return spec.label_names.index(value)
     # MNLI-style files mark examples without annotator consensus with "-"; they have no label.
@@ -147,7 +152,7 @@ def _parse_label(value: str, spec: GlueSpec, where: str) -> int | float | None:
         label = -1
     if not 0 <= label < len(spec.label_names):
         raise DataError(
-            f"{where}: label {value!r} is not one of {list(spec.label_names)} "
+            f"{where}: the label is not one of {list(spec.label_names)} "
             f"or an id in 0..{len(spec.label_names) - 1}"
         )
     return label
@@ -160,14 +165,14 @@ def _read_split(path: Path, spec: GlueSpec) -> TextDataset:
     text_b: list[str] = []
     labels: list = []
     skipped = 0
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(read_data_text(path), newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if spec.header:
             header = [h.strip() for h in next(reader, [])]
             wanted = [c for c in (spec.text_a, spec.text_b, spec.label) if c is not None]
             for col in wanted:
                 if col not in header:
-                    raise DataError(f"{path}: header has no column {col!r} (header: {header})")
+                    raise DataError(f"{path}: header has no column {col!r} (it has {len(header)} columns; is this GLUE's {spec.folder}?)")
             ia, il = header.index(spec.text_a), header.index(spec.label)
             ib = None if spec.text_b is None else header.index(spec.text_b)
             width = len(header)

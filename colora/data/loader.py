@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from colora.data.e2e import load_e2e
 from colora.data.glue import load_glue
 from colora.data.synthetic import load_synthetic
@@ -62,4 +64,22 @@ def load_task(
         if max_train < 1:
             raise DataError(f"data.max_train={max_train}: must be at least 1")
         task.train = task.train.select(range(min(max_train, len(task.train))))
+    _check_labels(task)
     return task
+
+
+def _check_labels(task: Task) -> None:
+    """Labels every loader must satisfy (local files and the hub alike): finite, and no eval class
+    that train lacks (the model could never predict it, and it would be a class of its own)."""
+    if task.kind != "seq-cls" or task.train.labels is None:
+        return
+    for split, data in (("train", task.train), ("eval", task.eval)):
+        bad = next((i for i, y in enumerate(data.labels) if not math.isfinite(float(y))), None)
+        if bad is not None:
+            raise DataError(f"data.name={task.name}: {split} example {bad} has a NaN or inf label")
+    if task.num_labels > 1:
+        unseen = sorted(set(task.eval.labels) - set(task.train.labels))
+        if unseen:
+            names = [task.label_names[i] if i < len(task.label_names) else str(i) for i in unseen]
+            raise DataError(f"data.name={task.name}: eval labels {names} never occur in the train split; "
+                            f"train on data that holds every class")

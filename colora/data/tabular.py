@@ -19,10 +19,12 @@ the target; the label column is not read.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 from pathlib import Path
 
-from colora.data.types import DataError, Task, TextDataset
+from colora.data.types import DataError, Task, TextDataset, read_data_text
 
 # More distinct real values than this means a score to regress, not a set of classes.
 MAX_FLOAT_CLASSES = 20
@@ -73,9 +75,9 @@ def load_tabular(
         )
 
     train_y, eval_y, num_labels, names = _encode_labels(
-        [r[label_column] for _, r in train_rows],
+        [(n, r[label_column]) for n, r in train_rows],
         [(n, r[label_column]) for n, r in eval_rows],
-        label_column, eval_file,
+        label_column, train_file, eval_file,
     )
     if num_labels == 1:
         metrics = ["pearson", "spearman"]
@@ -96,13 +98,14 @@ def _text(value) -> str:
 def _read(fmt: str, path: Path, columns: list[str]) -> list[tuple[int, dict]]:
     """Rows as (line number, record); every record has every wanted column, non-null."""
     rows: list[tuple[int, dict]] = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(read_data_text(path), newline="") as f:
         if fmt == "csv":
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             for col in columns:
                 if col not in header:
-                    raise DataError(f"{path}: no column {col!r} (columns: {header})")
+                    raise DataError(f"{path}: no column {col!r} (the header has {len(header)} columns; set data.text_column, "
+                                    f"data.text_pair_column or data.label_column)")
             rows = [(reader.line_num, r) for r in reader]
         else:
             for lineno, line in enumerate(f, start=1):
@@ -143,17 +146,30 @@ def _number(value) -> int | float | None:
     return None
 
 
-def _encode_labels(train_raw: list, eval_raw: list[tuple[int, object]], column: str, eval_file: Path):
-    """Returns (train labels, eval labels, num_labels, label_names)."""
-    eval_values = [v for _, v in eval_raw]
-    train_num = [_number(v) for v in train_raw]
+def _encode_labels(train_raw: list[tuple[int, object]], eval_raw: list[tuple[int, object]], column: str,
+                   train_file: Path, eval_file: Path):
+    """Returns (train labels, eval labels, num_labels, label_names).
+
+    Empty or non-finite labels, and eval labels the train file never has, are errors naming the
+    file and line: they would otherwise become classes (or NaN targets) of their own."""
+    for file, raw in ((train_file, train_raw), (eval_file, eval_raw)):
+        for lineno, value in raw:
+            number = _number(value)
+            if str(value).strip() == "" or (number is not None and not math.isfinite(number)):
+                raise DataError(f"{file}, line {lineno}: label column {column!r} is empty, NaN or inf")
+    train_values, eval_values = [v for _, v in train_raw], [v for _, v in eval_raw]
+    train_num = [_number(v) for v in train_values]
     eval_num = [_number(v) for v in eval_values]
     if all(x is not None for x in train_num + eval_num):
         if all(isinstance(x, int) for x in train_num + eval_num):
             ids = train_num + eval_num
             if min(ids) < 0:
                 raise DataError(f"label column {column!r}: negative class id {min(ids)}")
-            n = max(2, max(ids) + 1)
+            seen = set(train_num)
+            for (lineno, _), x in zip(eval_raw, eval_num):
+                if x not in seen:
+                    raise DataError(f"{eval_file}, line {lineno}: class id {x} does not occur in the train file")
+            n = max(2, max(train_num) + 1)
             return train_num, eval_num, n, [str(i) for i in range(n)]
         if len(set(train_num)) > MAX_FLOAT_CLASSES:
             return [float(x) for x in train_num], [float(x) for x in eval_num], 1, [column]
@@ -161,16 +177,14 @@ def _encode_labels(train_raw: list, eval_raw: list[tuple[int, object]], column: 
         keys_train, keys_eval = train_num, eval_num
         names = [str(c) for c in classes]
     else:
-        keys_train = [str(v).strip() for v in train_raw]
+        keys_train = [str(v).strip() for v in train_values]
         keys_eval = [str(v).strip() for v in eval_values]
         classes = sorted(set(keys_train))
         names = list(classes)
     if len(classes) < 2:
-        raise DataError(
-            f"label column {column!r}: the train file has a single class {names[0]!r}; need at least 2"
-        )
+        raise DataError(f"label column {column!r}: the train file has a single class; need at least 2")
     index = {c: i for i, c in enumerate(classes)}
-    for (lineno, raw), key in zip(eval_raw, keys_eval):
+    for (lineno, _), key in zip(eval_raw, keys_eval):
         if key not in index:
-            raise DataError(f"{eval_file}, line {lineno}: label {raw!r} does not occur in the train file")
+            raise DataError(f"{eval_file}, line {lineno}: the label does not occur in the train file")
     return [index[k] for k in keys_train], [index[k] for k in keys_eval], len(classes), names

@@ -7,15 +7,24 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import ColoraError
+from ..config import ColoraError, ConfigError, read_text_file
 
 
 class DataError(ColoraError, ValueError):
     """A problem with user-supplied data or data settings.
 
-    The message is one line meant for the user: it names the file or key and the offending
-    value, so the CLI can print it without a traceback.
+    The message is one line meant for the user: it names the file (and line) or key and what is
+    wrong, so the CLI can print it without a traceback. It never quotes a data file's content:
+    data.path may point at files that are not ours to print.
     """
+
+
+def read_data_text(path) -> str:
+    """A data file's text as UTF-8 (BOM dropped); not UTF-8 or unreadable is a one-line DataError."""
+    try:
+        return read_text_file(path, "data file")
+    except ConfigError as exc:
+        raise DataError(str(exc)) from None
 
 
 @dataclass
