@@ -110,7 +110,8 @@ def section_memory(tmp: Path, data: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--section", choices=["all", "overhead", "quality", "memory"], default="all")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "glue" / "MRPC"))
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "glue" / "MRPC"),
+                   help="GLUE MRPC folder with train.tsv and dev.tsv (examples/mrpc.yaml itself has data.path: null)")
     p.add_argument("--steps", type=int, default=1200, help="quality: optimizer steps per run (central) = client steps (fedavg)")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--overhead-steps", type=int, default=200)

@@ -8,7 +8,7 @@ would otherwise slow the first step of each new sequence length), then ``--repea
 interleaved across variants so that changes in machine load hit all of them; the fastest pass
 counts, and "spread" is how much slower the slowest was. Ratios are to fp32 in the same run.
 
-    python benchmarks/precision.py [--steps 20] [--repeats 3] [--threads 1]
+    python benchmarks/precision.py [--steps 20] [--repeats 3] [--threads 1] [--data GLUE_MRPC_DIR]
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from colora.engines.inprocess import InProcessEngine
 from colora.types import ClientTask
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "glue" / "MRPC"  # examples/mrpc.yaml has data.path: null (the hub)
 VARIANTS = {"fp32": {}, "bf16 autocast": {"train.precision": "bf16"},
             "int8 base": {"model.quantize": "int8"}, "4-bit NF4 base": {"model.quantize": "4bit"}}
 
 
-def trainer_pass(overrides: dict, steps: int):
+def trainer_pass(overrides: dict, steps: int, data: str = str(DATA)):
     """A function that runs one client's ``steps`` local steps (the same batches on every call)."""
     sets = {"algorithm": "central", "data.max_train": 16 * steps, "log.progress": False, **overrides}
-    sets["data.path"] = str(ROOT.parent / "shared" / "data" / "glue" / "MRPC")
+    sets["data.path"] = data
     engine = InProcessEngine(load_config(ROOT / "examples" / "mrpc.yaml", [f"{k}={v}" for k, v in sets.items()]))
     task = ClientTask(0, engine.slots.get(), 0, steps, engine.cfg.train.lr)
     return lambda: engine.trainer([task])
@@ -42,9 +43,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="timed passes per variant, interleaved; the fastest counts")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", default=str(DATA), help=f"GLUE MRPC folder with train.tsv and dev.tsv (default: {DATA})")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    passes = {name: trainer_pass(sets, args.steps) for name, sets in VARIANTS.items()}
+    passes = {name: trainer_pass(sets, args.steps, args.data) for name, sets in VARIANTS.items()}
     for run in passes.values():
         run()  # warm-up pass: allocator, kernels, FLOP counts per batch shape
     times: dict[str, list[float]] = {name: [] for name in passes}

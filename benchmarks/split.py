@@ -38,8 +38,9 @@ def main() -> None:
     p.add_argument("--out", default="runs/ttt", help="sweep folder (shared with benchmarks/time_to_target.py)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    ttt_sweep.add_data_argument(p)
     args = p.parse_args()
-    runs = ttt_sweep.run(Path(args.out), args.jobs, ttt_sweep.parse_sets(args.sets))
+    runs = ttt_sweep.run(Path(args.out), args.jobs, ttt_sweep.overrides(args))
     summaries = {d.name.split("-", 1)[1]: json.loads((d / "summary.json").read_text()) for _, d in runs}
     cfg = runs[1][0]  # fedavg
     params, flops = whole_model_cost(cfg, min(cfg.train.local_steps, 5))

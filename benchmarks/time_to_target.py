@@ -48,8 +48,9 @@ def main() -> None:
     p.add_argument("--probe-rounds", type=int, default=2)
     p.add_argument("--profiles", nargs="+", default=None, help="presets to re-time under (default: all)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    ttt_sweep.add_data_argument(p)
     args = p.parse_args()
-    out, sets = Path(args.out), ttt_sweep.parse_sets(args.sets)
+    out, sets = Path(args.out), ttt_sweep.overrides(args)
     sweep = ttt_sweep.run(out, args.jobs, sets)
     metric = "eval/accuracy"
     write_report([d for _, d in sweep], out, target=(metric, args.target))

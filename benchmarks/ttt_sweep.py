@@ -17,6 +17,9 @@ from colora.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "examples" / "time_to_target.yaml"
+# The sweep's base (examples/mrpc.yaml) has data.path: null (the hub); the benchmarks pass this
+# folder (their --data) explicitly: the project's machine keeps GLUE beside the repo.
+DATA = ROOT.parent / "shared" / "data" / "glue" / "MRPC"
 
 
 def sweep_configs(overrides: dict | None = None, sweep: Path = SWEEP) -> list[tuple[str, Config]]:
@@ -39,3 +42,15 @@ def run(out: Path, jobs: int, overrides: dict | None = None) -> list[tuple[Confi
 def parse_sets(items: list[str]) -> dict:
     """``--set key=value`` pairs (values parsed as YAML), as colora run takes them."""
     return {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in items)}
+
+
+def add_data_argument(parser) -> None:
+    """``--data DIR``: the GLUE MRPC folder every run reads (default ``DATA``)."""
+    parser.add_argument("--data", default=str(DATA),
+                        help=f"GLUE MRPC folder with train.tsv and dev.tsv (default: {DATA}); 'null' reads the hub")
+
+
+def overrides(args) -> dict:
+    """The runs' overrides: ``data.path`` from ``--data``, then the ``--set`` pairs (which win)."""
+    data = None if args.data in ("null", "none", "") else args.data
+    return {"data.path": data, **parse_sets(args.sets)}

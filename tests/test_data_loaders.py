@@ -9,15 +9,7 @@ import pytest
 from colora.data import DataError, load_task, make_synthetic, synthetic_rule_label
 from colora.data.synthetic import NEGATORS
 
-# The repo is cloned next to a `shared/` folder holding real GLUE and E2E files.
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-GLUE = SHARED / "glue"
-
-
-def shared(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    assert path.exists(), f"shared test data missing: {path}"
-    return path
+from .conftest import GLUE_ROWS, e2e_lines, write_e2e, write_glue
 
 
 def data_lines(path: Path) -> list[str]:
@@ -25,83 +17,110 @@ def data_lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
 
 
-# Row counts of the shared GLUE files, counted as non-empty lines minus the header (CoLA has
-# none; its dev.tsv lacks a final newline, so `wc -l` shows 1042). Every row of these copies
+def labels_of(folder: str, split: str) -> list:
+    return [row[0] for row in GLUE_ROWS[folder][split]]
+
+
+# Row counts of the GLUE files written by conftest's write_glue, counted as non-empty lines minus
+# the header (CoLA has none; its dev.tsv lacks a final newline, as in the GLUE release). Every row
 # has the right number of columns, so no row is skipped.
 @pytest.mark.parametrize(
-    "name, folder, n_train, n_eval, header",
+    "name, folder, header",
     [
-        ("glue/mrpc", "MRPC", 3667, 408, True),
-        ("glue/sst-2", "SST-2", 67349, 872, True),
-        ("glue/cola", "CoLA", 8551, 1043, False),
-        ("glue/sts-b", "STS-B", 5749, 1500, True),
+        ("glue/mrpc", "MRPC", True),
+        ("glue/sst-2", "SST-2", True),
+        ("glue/cola", "CoLA", False),
+        ("glue/sts-b", "STS-B", True),
     ],
 )
-def test_glue_row_counts_match_the_files(name, folder, n_train, n_eval, header):
-    task = load_task(name, str(shared("glue", folder)))
-    assert len(task.train) == n_train == len(data_lines(GLUE / folder / "train.tsv")) - header
-    assert len(task.eval) == n_eval == len(data_lines(GLUE / folder / "dev.tsv")) - header
+def test_glue_row_counts_match_the_files(glue_dir, name, folder, header):
+    task = load_task(name, str(glue_dir / folder))
+    assert len(task.train) == len(GLUE_ROWS[folder]["train"]) == len(data_lines(glue_dir / folder / "train.tsv")) - header
+    assert len(task.eval) == len(GLUE_ROWS[folder]["dev"]) == len(data_lines(glue_dir / folder / "dev.tsv")) - header
     assert task.kind == "seq-cls"
 
 
-def test_mrpc():
-    task = load_task("glue/mrpc", str(shared("glue", "MRPC")))
+def test_mrpc(glue_dir):
+    assert (glue_dir / "MRPC" / "train.tsv").read_bytes().startswith(b"\xef\xbb\xbfQuality\t#1 ID\t#2 ID\t")
+    task = load_task("glue/mrpc", str(glue_dir / "MRPC"))
     assert task.name == "glue/mrpc"
     assert task.num_labels == 2
     assert task.label_names == ["not_equivalent", "equivalent"]
     assert task.metric_names == ["accuracy", "f1"]
     # The header's byte-order mark must not end up in a column name or the first example.
     assert task.train.text_a[0] == (
-        'Amrozi accused his brother , whom he called " the witness " , of deliberately distorting his evidence .'
+        'Nora told the council , whom she called " the old guard " , that the bridge budget was too small .'
     )
     assert task.train.text_b[0] == (
-        'Referring to him as only " the witness " , Amrozi accused his brother of deliberately distorting his evidence .'
+        'Calling them only " the old guard " , Nora told the council the bridge budget was too small .'
     )
+    # A field that opens with an unclosed quote is text, not CSV quoting: it must not swallow the
+    # following rows.
+    assert task.train.text_b[2] == '" The ferry left the harbour two hours late , at 6 a.m. , the operator said .'
+    assert task.eval.text_b[0] == '" The paper mill does not fit our long-term plans .'
     assert task.train.labels[:2] == [1, 0]
-    assert collections.Counter(task.train.labels) == {1: 2473, 0: 1194}
-    independent = collections.Counter(int(line.split("\t")[0]) for line in data_lines(GLUE / "MRPC" / "train.tsv")[1:])
+    assert collections.Counter(task.train.labels) == {1: 4, 0: 2}
+    independent = collections.Counter(int(line.split("\t")[0]) for line in data_lines(glue_dir / "MRPC" / "train.tsv")[1:])
     assert collections.Counter(task.train.labels) == independent
-    assert collections.Counter(task.eval.labels) == {1: 279, 0: 129}
+    assert collections.Counter(task.eval.labels) == {1: 2, 0: 1}
+    assert task.train.labels == labels_of("MRPC", "train") and task.eval.labels == labels_of("MRPC", "dev")
 
 
-def test_sst2():
-    task = load_task("glue/sst2", str(shared("glue", "SST-2")))
+def test_sst2(glue_dir):
+    task = load_task("glue/sst2", str(glue_dir / "SST-2"))
     assert task.name == "glue/sst2"
     assert task.label_names == ["negative", "positive"]
     assert task.metric_names == ["accuracy"]
     assert task.train.text_b is None
-    assert task.train.text_a[0] == "hide new secretions from the parental units"
-    assert task.eval.text_a[0] == "it 's a charming and often affecting journey ."
-    assert collections.Counter(task.train.labels) == {1: 37569, 0: 29780}
-    assert collections.Counter(task.eval.labels) == {1: 444, 0: 428}
+    # The space before each tab is stripped.
+    assert task.train.text_a[0] == "stale jokes from a tired old script"
+    assert task.eval.text_a[0] == "it 's a bright and often touching ride ."
+    assert task.train.text_a[4] == "a long , ` clever ' film that never lands"
+    assert collections.Counter(task.train.labels) == {1: 3, 0: 3}
+    assert collections.Counter(task.eval.labels) == {1: 2, 0: 2}
+    assert task.train.labels == labels_of("SST-2", "train")
 
 
-def test_cola_has_no_header():
-    task = load_task("glue/cola", str(shared("glue", "CoLA")))
+def test_cola_has_no_header(glue_dir):
+    assert not (glue_dir / "CoLA" / "dev.tsv").read_text().endswith("\n")
+    task = load_task("glue/cola", str(glue_dir / "CoLA"))
     assert task.label_names == ["unacceptable", "acceptable"]
     assert task.metric_names == ["mcc"]
-    assert task.train.text_a[0] == "Our friends won't buy this analysis, let alone the next one we propose."
-    assert task.eval.text_a[-1] == "John talked to Bill about himself."
-    assert collections.Counter(task.train.labels) == {1: 6023, 0: 2528}
-    assert collections.Counter(task.eval.labels) == {1: 721, 0: 322}
+    # The first line is an example, not a header.
+    assert task.train.text_a[0] == "Our neighbours won't paint the fence, let alone the whole shed we built."
+    assert task.train.text_a[4] == 'Pat shouted "Stop it" at the dog.'
+    # The last line of dev.tsv (no final newline) is read.
+    assert task.eval.text_a[-1] == "Lee argued with Sam about himself."
+    assert collections.Counter(task.train.labels) == {1: 4, 0: 3}
+    assert collections.Counter(task.eval.labels) == {1: 2, 0: 1}
+    assert task.train.labels == labels_of("CoLA", "train")
 
 
-def test_stsb_is_regression():
-    task = load_task("glue/sts-b", str(shared("glue", "STS-B")))
+def test_stsb_is_regression(glue_dir):
+    task = load_task("glue/sts-b", str(glue_dir / "STS-B"))
     assert task.name == "glue/stsb"
     assert task.num_labels == 1 and task.is_regression
     assert task.metric_names == ["pearson", "spearman"]
     assert (task.train.text_a[0], task.train.text_b[0], task.train.labels[0]) == (
-        "A plane is taking off.", "An air plane is taking off.", 5.0,
+        "A bird is taking off.", "A small bird is taking off.", 5.0,
     )
+    assert task.train.text_a[2] == '"Then the guard was asleep.'
     assert all(isinstance(y, float) and 0.0 <= y <= 5.0 for y in task.train.labels)
-    independent = [float(line.split("\t")[-1]) for line in data_lines(GLUE / "STS-B" / "dev.tsv")[1:]]
+    assert task.train.labels == [5.0, 3.8, 0.8, 4.0, 0.0]
+    independent = [float(line.split("\t")[-1]) for line in data_lines(glue_dir / "STS-B" / "dev.tsv")[1:]]
     assert task.eval.labels == pytest.approx(independent)
 
 
-def test_glue_root_folder_is_accepted():
-    task = load_task("glue/mrpc", str(shared("glue")))
-    assert len(task.train) == 3667
+def test_glue_root_folder_is_accepted(glue_dir):
+    task = load_task("glue/mrpc", str(glue_dir))
+    assert len(task.train) == len(GLUE_ROWS["MRPC"]["train"])
+    assert load_task("glue/cola", str(glue_dir)).eval.text_a == [row[1] for row in GLUE_ROWS["CoLA"]["dev"]]
+
+
+def test_write_glue_takes_custom_rows(tmp_path):
+    folder = write_glue(tmp_path, "SST-2", train=[(1, "fine"), (0, "poor"), (1, "good")], dev=[(0, "bad")])
+    task = load_task("glue/sst2", str(folder))
+    assert (len(task.train), len(task.eval)) == (3, 1) and task.train.labels == [1, 0, 1] and task.eval.labels == [0]
 
 
 def write(path: Path, lines: list[str]) -> Path:
@@ -199,8 +218,9 @@ def test_glue_errors(tmp_path):
     with pytest.raises(DataError, match="no well-formed rows"):
         load_task("glue/sst2", str(tmp_path))
     write(tmp_path / "dev.tsv", ["sentence\tlabel", "fine\tmaybe"])
-    with pytest.raises(DataError, match="'maybe'"):
+    with pytest.raises(DataError, match=r"dev\.tsv, line 2: the label is not one of") as info:
         load_task("glue/sst2", str(tmp_path))
+    assert "maybe" not in str(info.value)  # an error about a file never quotes its content
     write(tmp_path / "dev.tsv", ["text\tlabel", "fine\t1"])
     with pytest.raises(DataError, match="'sentence'"):
         load_task("glue/sst2", str(tmp_path))
@@ -225,15 +245,24 @@ def test_hub_unreachable_becomes_data_error(monkeypatch):
         load_task("e2e", None)
 
 
-def test_e2e_shared_folder_without_train_file():
-    task = load_task("e2e", str(shared("e2e")))
+def test_e2e_folder_without_train_file(e2e_dir):
+    assert sorted(p.name for p in e2e_dir.iterdir()) == ["test.txt", "valid.txt"]
+    task = load_task("e2e", str(e2e_dir))
     assert task.kind == "causal-lm" and task.num_labels == 0 and task.metric_names == []
     # No train.txt: train = valid.txt, eval = test.txt.
-    assert len(task.train) == len(data_lines(SHARED / "e2e" / "valid.txt")) == 4672
-    assert len(task.eval) == len(data_lines(SHARED / "e2e" / "test.txt")) == 4693
+    assert len(task.train) == len(data_lines(e2e_dir / "valid.txt")) == 108
+    assert len(task.eval) == len(data_lines(e2e_dir / "test.txt")) == 24
     assert task.train.labels is None and task.eval.labels is None
-    assert task.train.text_a[0] == "name : Alimentum | area : city centre | family friendly : no"
-    assert task.train.text_b[0] == "There is a place in the city centre , Alimentum , that is not family - friendly ."
+    # The meaning representation and the text are split at "||" and the trailing space is stripped.
+    assert (e2e_dir / "valid.txt").read_text().split("\n")[0].endswith(" . ")
+    first = "name : The Copper Kettle | Type : coffee shop"
+    assert task.train.text_a[:3] == [first] * 3
+    assert task.train.text_b[:3] == ["The Copper Kettle is a coffee shop .", "There is a coffee shop called The Copper Kettle .",
+                                     "The Copper Kettle , a coffee shop , is worth a visit ."]
+    assert task.train.text_b[9] == "Marlow House is an English coffee shop in the riverside . It is not family - friendly ."
+    assert task.eval.text_a[0] == e2e_lines(1, start=36)[0].split("||")[0]
+    with_train = write_e2e(e2e_dir.parent / "with_train", train=e2e_lines(2))
+    assert len(load_task("e2e", str(with_train)).train) == 6
 
 
 def test_e2e_file_choice_and_skipped_lines(tmp_path):
@@ -295,7 +324,7 @@ def test_jsonl_errors(tmp_path):
         load_task("jsonl", str(tmp_path))
     write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     write_jsonl(tmp_path / "dev.jsonl", [{"text": "c", "label": "z"}])
-    with pytest.raises(DataError, match=r"dev\.jsonl, line 1: label 'z'"):
+    with pytest.raises(DataError, match=r"dev\.jsonl, line 1: the label does not occur in the train file"):
         load_task("jsonl", str(tmp_path))
     write(tmp_path / "dev.jsonl", ["{not json"])
     with pytest.raises(DataError, match="invalid JSON"):
@@ -321,8 +350,11 @@ def test_csv(tmp_path):
     assert task.train.labels == [1, 0, 1]
     assert task.eval.labels == [0]
     # CSV values are strings; integer-looking labels are class ids.
+    with pytest.raises(DataError, match=r"dev\.csv, line 2: class id 4 does not occur in the train file"):
+        load_task("csv", str(tmp_path), text_column="sentence", label_column="extra")  # it would add a class
+    write(tmp_path / "dev.csv", ["sentence,label,extra", "x,ham,2"])
     ints = load_task("csv", str(tmp_path), text_column="sentence", label_column="extra")
-    assert ints.train.labels == [1, 2, 3] and ints.num_labels == 5
+    assert ints.train.labels == [1, 2, 3] and ints.eval.labels == [2] and ints.num_labels == 4
     with pytest.raises(DataError, match=r"train\.csv: no column 'text'"):
         load_task("csv", str(tmp_path))
     lm = load_task("csv", str(tmp_path), task_kind="causal-lm", text_column="sentence", text_pair_column="extra")

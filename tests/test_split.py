@@ -39,8 +39,8 @@ def _final_loss(run_dir) -> float:
     return read_rows(run_dir)[-1]["eval/loss"]
 
 
-def _e2e(shared_data) -> dict:
-    return dict(model__task="causal-lm", data__name="e2e", data__path=str(shared_data / "e2e"), data__max_train=48,
+def _e2e(e2e_dir) -> dict:
+    return dict(model__task="causal-lm", data__name="e2e", data__path=str(e2e_dir), data__max_train=48,
                 data__max_eval=16, data__max_length=64, rounds=2)
 
 
@@ -66,8 +66,8 @@ def test_one_client_sl_and_splitlora_equal_central(tmp_path, model):
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
-def test_one_client_causal_lm_equals_central(tmp_path, shared_data, model):
-    common = dict(model__name=model, clients__num=1, clients__per_round=1, train__optimizer="sgd", train__lr=0.5, **_e2e(shared_data))
+def test_one_client_causal_lm_equals_central(tmp_path, e2e_dir, model):
+    common = dict(model__name=model, clients__num=1, clients__per_round=1, train__optimizer="sgd", train__lr=0.5, **_e2e(e2e_dir))
     ref = _final_loss(run_experiment(tiny_config(algorithm="central", **common), out=str(tmp_path / "central")))
     for algo, layer, u in (("splitlora", 2, True), ("sl", 1, False)):
         run = run_experiment(tiny_config(algorithm=algo, split__layer=layer, split__u_shaped=u, **common), out=str(tmp_path / algo))
@@ -187,9 +187,9 @@ def test_resume_equals_uninterrupted_and_export_loads_with_peft(tmp_path):
     assert abs(again["eval/loss"] - read_rows(whole)[-1]["eval/loss"]) < 1e-6
 
 
-def test_e2e_generation_metrics(tmp_path, shared_data):
+def test_e2e_generation_metrics(tmp_path, e2e_dir):
     cfg = tiny_config(algorithm="splitlora", model__name="tiny-gpt2", split__layer=2, eval__generate=2, eval__max_new_tokens=8,
-                      **_e2e(shared_data))
+                      **_e2e(e2e_dir))
     row = read_rows(run_experiment(cfg, out=str(tmp_path / "g")))[-1]
     assert {"eval/perplexity", "eval/bleu", "eval/nist", "eval/rouge_l", "eval/cider"} <= row.keys()
     from colora.nlg import nlg_metrics
