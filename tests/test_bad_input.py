@@ -59,19 +59,25 @@ def _csv_task(folder: Path, train_labels: list, dev_labels: list) -> Path:
 
 # -- 1. Non-finite state ---------------------------------------------------------------------------
 
-def test_a_non_finite_aggregate_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    """FedAvgM with a huge server lr: round 1 leaves finite (huge) factors, round 2 overflows. Before
-    the fix the state after the bad round was evaluated, checkpointed and exported, and the error
-    blamed train.lr."""
-    cfg = _config(tmp_path, rounds=4, federation__server_optimizer="fedavgm", federation__server_lr=1.0e30)
+def test_a_non_finite_aggregate_stops_the_run_before_it_is_checkpointed(tmp_path, capsys):
+    """The issue's case: FedAvgM with server_lr=1e300 exited 0 with every value of adapter/ NaN or
+    inf, and with more rounds overwrote the last good checkpoint and blamed train.lr."""
+    cfg = _config(tmp_path, rounds=1, federation__server_optimizer="fedavgm", federation__server_lr=1.0e300)
     out = tmp_path / "run"
     err = _bad(capsys, ["run", str(cfg), "--out", str(out)])
-    ckpt = torch.load(out / rundir.CHECKPOINT, weights_only=True)
-    failed = ckpt["round"] + 1
-    assert failed == 2 and "round 2:" in err and "federation.server_lr=1e+30 is the likely cause" in err
-    assert f"--resume {out} --set federation.server_lr=" in err
-    assert all(torch.isfinite(t).all() for t in ckpt["algorithm"]["state"].values())  # the last good state
-    assert [r["round"] for r in read_rows(out)][-1] < failed and not (out / "adapter").exists()
+    assert "round 1: the global adapter holds NaN, inf or entries above 1e+06 after the server optimizer" in err
+    assert "federation.server_lr=1e+300 is the likely cause" in err and "train.lr" not in err
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+def test_a_diverged_but_finite_state_is_not_checkpointed_either(tmp_path, capsys):
+    # server_lr=1e30 leaves finite entries of ~1e27 after round 1: a checkpoint of that state would
+    # overflow in round 2 whatever the resumed settings, so it must not become "the last good one".
+    cfg = _config(tmp_path, rounds=3, federation__server_optimizer="fedavgm", federation__server_lr=1.0e30)
+    out = tmp_path / "run"
+    err = _bad(capsys, ["run", str(cfg), "--out", str(out)])
+    assert "round 1:" in err and "entries above 1e+06" in err and "federation.server_lr=1e+30" in err
+    assert not (out / "checkpoint").exists() and [r["round"] for r in read_rows(out)] == [0]
 
 
 def test_resume_with_a_smaller_setting_recovers_from_the_last_good_checkpoint(tmp_path, capsys):
@@ -512,7 +518,7 @@ def test_one_failing_sweep_run_stops_nothing_else(tmp_path, capsys, jobs):
     assert finished == ["0-seed=0", "2-seed=1"]
     labels = [line.split(",")[0] for line in (out / "summary.csv").read_text().splitlines()[1:]]
     assert labels == ["tiny-seed=0", "tiny-seed=1"] and (out / "index.html").is_file()  # the report covers the others
-    assert "NaN or inf" in (out / "1-lr=1000000000000.0-optimizer=sgd.log").read_text()
+    assert "train.lr=1e+12 is the likely cause" in (out / "1-lr=1000000000000.0-optimizer=sgd.log").read_text()
 
 
 # -- 8. Paths ----------------------------------------------------------------------------------------

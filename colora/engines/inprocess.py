@@ -327,15 +327,23 @@ def _suspect(cfg: Config) -> tuple[str, str]:
     return "train.lr", "aggregation" if cfg.algorithm != "central" else "local training"
 
 
+# A global adapter entry beyond this has diverged, though finite: trained LoRA factors and heads are
+# O(1), and checkpointing a 1e27-sized state would leave a "last good checkpoint" that overflows in
+# the next forward pass whatever the resumed settings.
+DIVERGED = 1.0e6
+
+
 def _checked_round(cfg: Config, algo, rnd: int, run_dir: Path):
-    """``algo.run_round(rnd)``, then stop the run if its global state is not finite: before it is
-    evaluated, checkpointed or exported, so the last good checkpoint (round ``rnd`` - 1) stays."""
+    """``algo.run_round(rnd)``, then stop the run if its global state is not finite (or has diverged
+    past DIVERGED): before it is evaluated, checkpointed or exported, so the last good checkpoint
+    (round ``rnd`` - 1) stays."""
     setting, stage = _suspect(cfg)
     try:
         res = algo.run_round(rnd)
-        bad = [k for k, t in algo.global_state().items() if not torch.isfinite(t).all()]
+        bad = [k for k, t in algo.global_state().items() if not torch.isfinite(t).all() or t.abs().max() > DIVERGED]
         if bad:
-            raise NonFiniteError(f"the global adapter holds NaN or inf after {stage} ({len(bad)} tensors, e.g. {bad[0]})", setting)
+            raise NonFiniteError(f"the global adapter holds NaN, inf or entries above {DIVERGED:g} after {stage} "
+                                 f"({len(bad)} tensors, e.g. {bad[0]})", setting)
     except NonFiniteError as exc:
         # A server optimizer's huge (finite) state makes the clients overflow next round: blame it first.
         setting = setting if setting.startswith("federation.") else exc.setting
