@@ -79,7 +79,7 @@ def _compare(args) -> int:
         raise ColoraError(f"--jobs {args.jobs}: needs at least 1")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise ColoraError(f"--out {out}: is a file, not a folder")
+        raise ColoraError(f"--out {out}: is a file, not a folder; give a new or empty folder")
     runs = load_sweep(args.sweep)  # every config validated ...
     check_sweep(runs, out)  # ... and every entry's whole setup built, before the first run
     result = run_sweep(runs, out, args.jobs)

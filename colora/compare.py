@@ -32,6 +32,8 @@ from . import rundir
 from .config import ColoraError, Config, build_config, dump_config, quote, read_yaml
 
 SWEEP_KEYS = {"base", "set", "runs", "grid"}
+# Marks a folder as a sweep's output, which a later compare may write into (report, runs, logs).
+SWEEP_MARKER = ".colora-sweep"
 
 
 def _short_name(over: dict) -> str:
@@ -96,6 +98,9 @@ def check_sweep(runs: list[tuple[str, Config]], out: Path) -> None:
     config, a folder that holds no run, or one another colora process is writing)."""
     from .engines import InProcessEngine
 
+    if out.is_dir() and any(out.iterdir()) and not (out / SWEEP_MARKER).is_file() and not any(
+            rundir.is_run_dir(child) for child in out.iterdir() if child.is_dir()):
+        raise ColoraError(f"--out {out}: holds files that are not a colora sweep; give a new or empty folder")
     for i, (name, cfg) in enumerate(runs):
         run_dir = out / f"{i}-{name}"
         saved = run_dir / "config.yaml"
@@ -138,6 +143,7 @@ def run_sweep(runs: list[tuple[str, Config]], out: Path, jobs: int = 1) -> Sweep
     """
     dirs = [out / f"{i}-{name}" for i, (name, _) in enumerate(runs)]
     out.mkdir(parents=True, exist_ok=True)
+    (out / SWEEP_MARKER).touch()
     todo, failed = [], {}
     for i, ((name, cfg), run_dir) in enumerate(zip(runs, dirs)):
         if (run_dir / "summary.json").is_file():
