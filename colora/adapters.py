@@ -15,11 +15,11 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file
 
 from .config import ColoraError, ModelConfig
 from .models import head_module_names
+from .states import lora_pairs, lora_rank
 from .types import AdapterState
 
 
@@ -91,46 +91,10 @@ class AdapterSlots:
         return sum(p.numel() for p in self.params.values())
 
 
-def serialize(state: AdapterState) -> bytes:
-    """The bytes that go on the wire for ``state`` (safetensors, the format peft saves)."""
-    return safetensors_save({k: v.contiguous() for k, v in state.items()})
-
-
-def payload_nbytes(state: AdapterState) -> int:
-    """Size of the real serialized payload of ``state``, in bytes."""
-    return len(serialize(state))
-
-
-def lora_pairs(state: AdapterState) -> dict[str, tuple[str, str]]:
-    """Map each LoRA module prefix to its (A key, B key) in ``state``."""
-    pairs = {}
-    for key in state:
-        if key.endswith(".lora_A.weight"):
-            prefix = key[: -len(".lora_A.weight")]
-            pairs[prefix] = (key, prefix + ".lora_B.weight")
-    return pairs
-
-
-def lora_rank(state: AdapterState) -> int:
-    """The LoRA rank of ``state`` (rows of its LoRA A matrices; all modules share one rank)."""
-    for key, value in state.items():
-        if key.endswith(".lora_A.weight"):
-            return int(value.shape[0])
-    raise ColoraError("adapter state holds no LoRA A matrices")
-
-
 def export_adapter(model: PeftModel, slots: AdapterSlots, state: AdapterState, out_dir: Path) -> None:
     """Save ``state`` as a peft adapter folder (``PeftModel.from_pretrained`` loads it)."""
     slots.load(state)
     model.save_pretrained(str(out_dir), selected_adapters=[slots.adapter])
-
-
-def adapter_params_at(state: AdapterState, rank: int) -> int:
-    """Parameters of ``state``'s adapter if its LoRA rank were ``rank`` (the head does not change)."""
-    pairs = lora_pairs(state)
-    lora = {k for pair in pairs.values() for k in pair}
-    per_rank = sum(state[a].shape[1] + state[b].shape[0] for a, b in pairs.values())  # d_in + d_out per module
-    return rank * per_rank + sum(v.numel() for k, v in state.items() if k not in lora)
 
 
 def save_adapter(model: PeftModel, state: AdapterState, out_dir: Path) -> None:

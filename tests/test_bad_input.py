@@ -250,6 +250,11 @@ def test_out_never_overwrites_what_is_not_a_colora_run(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["run", str(cfg), "--out", str(empty)]) == 0
+    # colora compare's --out likewise: its report files would overwrite the folder's own
+    sweep = _sweep_file(tmp_path, [{"seed": 0}], rounds=1)
+    assert "holds files that are not a colora sweep" in _bad(capsys, ["compare", str(sweep), "--out", str(foreign)])
+    assert "is a file" in _bad(capsys, ["compare", str(sweep), "--out", str(a_file)])
+    assert sorted(p.name for p in foreign.iterdir()) == ["chapter1.tex"]
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, capsys, monkeypatch):

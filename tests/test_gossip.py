@@ -1,4 +1,4 @@
-"""Compressors (colora/compression.py) and gossip steps without training (colora/algorithms/declora.py)."""
+"""Codecs (colora/codecs.py) and gossip steps without training (colora/algorithms/declora.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from colora.adapters import payload_nbytes, serialize
+from colora.states import payload_nbytes, serialize
 from colora.algorithms.declora import (
     choco_gossip,
     consensus_distance,
@@ -16,7 +16,7 @@ from colora.algorithms.declora import (
     plain_gossip,
     rounding_generator,
 )
-from colora.compression import Compressor
+from colora.codecs import Compressor
 from colora.config import DeviceProfile
 from colora.costmodel import declora_round_time, upload_time
 from colora.topology import build_graph, make_topology

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 
-from colora.adapters import lora_rank, payload_nbytes
+from colora.states import lora_rank, payload_nbytes
 from colora.aggregation import RANKED, fedit
 from colora.aggregation.stack import stack, stack_for_client
 from colora.aggregation.svd import svd, svd_for_client

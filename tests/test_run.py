@@ -49,7 +49,7 @@ def test_cli_run_writes_the_contract_run_directory(tmp_path, capsys):
 
 
 def test_bytes_are_the_serialized_adapter_payloads(tmp_path):
-    from colora.adapters import payload_nbytes
+    from colora.states import payload_nbytes
 
     cfg = tiny_config(rounds=1, clients__num=4, clients__per_round=3)
     run = run_experiment(cfg, out=str(tmp_path / "r"))

@@ -7,7 +7,7 @@ import torch
 import yaml
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-from colora.adapters import lora_pairs, lora_rank, payload_nbytes
+from colora.states import lora_pairs, lora_rank, payload_nbytes
 from colora.algorithms.ranked import RankedServer
 from colora.cli import main
 from colora.engines import InProcessEngine, run_experiment

@@ -151,7 +151,7 @@ def test_tensorboard_scalars_mirror_metrics_jsonl(tmp_path):
 
 
 def test_resource_rank_rule_follows_each_clients_own_memory():
-    from colora.adapters import adapter_params_at
+    from colora.states import adapter_params_at
 
     probe = InProcessEngine(tiny_config())
     init = probe.adapters.initial_state(probe.adapters.default_rank)
@@ -179,7 +179,7 @@ def test_resource_rank_rule_gives_faster_clients_higher_ranks():
 
 
 def test_resource_rule_for_split_clients_counts_their_part_of_the_model_only():
-    from colora.adapters import adapter_params_at
+    from colora.states import adapter_params_at
 
     over = dict(algorithm="splitlora", split__layer=1)
     probe = InProcessEngine(tiny_config(**over))

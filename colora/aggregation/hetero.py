@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import lora_pairs
+from ..states import lora_pairs
 from ..types import AdapterState
 
 

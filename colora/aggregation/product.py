@@ -8,7 +8,7 @@ are averaged. Equal ranks and equal alpha, so the LoRA scale alpha/r is common a
 
 from __future__ import annotations
 
-from ..adapters import lora_pairs
+from ..states import lora_pairs
 from ..lowrank import factored_svd, split_factors, stack_factors
 from ..types import AdapterState
 from .fedit import check_same_shapes, weighted_mean

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import lora_pairs, lora_rank
+from ..states import lora_pairs, lora_rank
 from ..lowrank import factored_svd, numerical_rank, split_factors
 from ..types import AdapterState
 from .fedit import weighted_mean

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from ..adapters import lora_pairs, lora_rank
+from ..states import lora_pairs, lora_rank
 from ..lowrank import product_fro_norm
 from ..types import AdapterState
 from .fedit import weighted_mean

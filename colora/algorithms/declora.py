@@ -19,7 +19,7 @@ Bytes: a serverless system has no up/down direction, only messages along edges. 
 is counted twice, once in ``bytes_up`` by its sender and once in ``bytes_down`` by its receiver,
 so both totals equal the per-edge traffic (sum over directed edges of the message sizes).
 Per round a node sends one message to each neighbour: its adapter payload (O(adapter)) or, when
-compressed, the packed difference payload of :mod:`colora.compression`.
+compressed, the packed difference payload of :mod:`colora.codecs`.
 
 Memory: n adapter states (plus n public copies when compressed) live in the algorithm, O(adapter)
 per client; the frozen base stays the engine's one resident copy.
@@ -33,8 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..adapters import payload_nbytes
-from ..compression import Compressor, from_gossip
+from ..states import payload_nbytes
+from ..codecs import Compressor, from_gossip
 from ..costmodel import declora_round_time
 from ..schedule import lr_at
 from ..topology import Topology, TopologySchedule, mix

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..adapters import lora_rank, payload_nbytes
+from ..states import lora_rank, payload_nbytes
 from ..aggregation import RANKED, get_aggregator, server_step
 from ..config import ColoraError
 from ..costmodel import fedavg_round_time

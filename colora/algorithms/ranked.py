@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..adapters import lora_rank, payload_nbytes
+from ..states import lora_rank, payload_nbytes
 from ..aggregation import get_ranked_rule, hetlora_prune
 from ..aggregation.stack import base_delta
 from ..config import Config

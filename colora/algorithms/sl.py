@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..adapters import payload_nbytes
+from ..states import payload_nbytes
 from ..config import ColoraError
 from ..costmodel import download_time, sequential_split_time, upload_time
 from ..schedule import lr_at

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..adapters import payload_nbytes
+from ..states import payload_nbytes
 from ..aggregation import RANKED, get_aggregator, get_ranked_rule
 from ..config import ColoraError, Config
 from ..costmodel import adapter_sync_time, split_step_time

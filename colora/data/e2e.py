@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from colora.data.types import DataError, Task, TextDataset, read_data_text
+from colora.data.errors import DataError
+from colora.data.types import Task, TextDataset, read_data_text
 
 
 def load_e2e(path: str | None) -> Task:

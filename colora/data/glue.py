@@ -25,7 +25,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from colora.data.types import DataError, Task, TextDataset, read_data_text
+from colora.data.errors import DataError
+from colora.data.types import Task, TextDataset, read_data_text
 
 log = logging.getLogger(__name__)
 

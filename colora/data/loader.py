@@ -8,7 +8,8 @@ from colora.data.e2e import load_e2e
 from colora.data.glue import load_glue
 from colora.data.synthetic import load_synthetic
 from colora.data.tabular import load_tabular
-from colora.data.types import DataError, Task
+from colora.data.errors import DataError
+from colora.data.types import Task
 
 TASK_KINDS = ("seq-cls", "causal-lm")
 KNOWN_NAMES = "glue/<cola|sst2|mrpc|stsb|qqp|rte|qnli|mnli>, e2e, synthetic, jsonl, csv"

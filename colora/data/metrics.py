@@ -13,7 +13,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from colora.data.types import DataError
+from colora.data.errors import DataError
 
 
 def _as_class_ids(preds) -> np.ndarray:

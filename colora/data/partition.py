@@ -36,7 +36,7 @@ import warnings
 
 import numpy as np
 
-from colora.data.types import DataError
+from colora.data.errors import DataError
 
 SCHEMES = ("iid", "dirichlet", "shards", "label_skew")
 REGRESSION_BINS = 5

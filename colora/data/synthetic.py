@@ -22,7 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from colora.data.types import DataError, Task, TextDataset
+from colora.data.errors import DataError
+from colora.data.types import Task, TextDataset
 
 LABEL_NAMES = ["food-neg", "food-pos", "sport-neg", "sport-pos"]
 TOPIC_NOUNS = (

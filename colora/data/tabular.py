@@ -24,7 +24,8 @@ import json
 import math
 from pathlib import Path
 
-from colora.data.types import DataError, Task, TextDataset, read_data_text
+from colora.data.errors import DataError
+from colora.data.types import Task, TextDataset, read_data_text
 
 # More distinct real values than this means a score to regress, not a set of classes.
 MAX_FLOAT_CLASSES = 20

@@ -1,4 +1,4 @@
-"""Plain containers shared by every loader: the error type, a text dataset and a task."""
+"""Plain containers shared by every loader: a text dataset, a task, and reading a data file as text."""
 
 from __future__ import annotations
 
@@ -7,16 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import ColoraError, ConfigError, read_text_file
-
-
-class DataError(ColoraError, ValueError):
-    """A problem with user-supplied data or data settings.
-
-    The message is one line meant for the user: it names the file (and line) or key and what is
-    wrong, so the CLI can print it without a traceback. It never quotes a data file's content:
-    data.path may point at files that are not ours to print.
-    """
+from ..config import ConfigError, read_text_file
+from .errors import DataError
+from .metrics import compute_metrics
 
 
 def read_data_text(path) -> str:
@@ -89,7 +82,4 @@ class Task:
         `preds` are class ids (or floats for regression); 2-D logits are accepted too and
         reduced with argmax (or squeezed when there is a single output column).
         """
-        # Imported here because metrics.py imports DataError from this module.
-        from colora.data.metrics import compute_metrics
-
         return compute_metrics(self.metric_names, preds, labels)

@@ -19,7 +19,8 @@ from peft.tuners.lora import LoraLayer
 from tqdm import tqdm
 
 from .. import rundir
-from ..adapters import RankedAdapters, adapter_params_at, attach_lora
+from ..adapters import RankedAdapters, attach_lora
+from ..states import adapter_params_at
 from ..algorithms import Context, get_algorithm
 from ..config import ColoraError, Config, NonFiniteError
 from ..data import label_histogram, load_task, partition

@@ -39,7 +39,7 @@ from ..train import Encoded, _torch_seed, autocast, batch_indices
 from ..types import AdapterState
 from .cut import ModelCut, SplitError
 from .types import SplitJob, SplitStepResult
-from .wire import decode_tensor, encode_tensor, pack, unpack
+from ..codecs import decode_tensor, encode_tensor, pack, unpack
 
 
 def _unique_numel(modules) -> int:
