@@ -8,12 +8,13 @@ message naming the dotted key and the offending value (see CONTRACT.md).
 from __future__ import annotations
 
 import copy
-import math
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ColoraError(Exception):
@@ -92,6 +93,35 @@ def parse_yaml(text: str, what: str) -> Any:
 def read_yaml(path: str | Path, what: str) -> Any:
     """A YAML file read as UTF-8 and parsed safely (see :func:`parse_yaml`)."""
     return parse_yaml(read_text_file(path, what), f"{what} '{path}'")
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A config value that must name an entry of a registry (``module:attribute``, a mapping keyed by
+    name). Names are registered once, where the entries are implemented; the registry is imported
+    only when a config is validated, so this module stays free of torch."""
+
+    where: str
+
+    def names(self) -> list[str]:
+        module, attribute = self.where.split(":")
+        return list(getattr(importlib.import_module(module), attribute))
+
+    def __call__(self, value: str) -> str:
+        names = self.names()
+        if value not in names:
+            raise ValueError(f"not a registered name (registered: {', '.join(names)})")
+        return value
+
+
+def registered(where: str) -> Any:
+    """The type of a string field validated against the registry ``where`` (see :class:`Registered`)."""
+    check = Registered(where)
+    return Annotated[str, check, AfterValidator(check)]
+
+
+AlgorithmName = registered("colora.algorithms:ALGORITHMS")
+AggregatorName = registered("colora.aggregation:RULES")
 
 
 class _Strict(BaseModel):
@@ -222,7 +252,7 @@ class FederationConfig(_Strict):
     """How the server combines client adapters (fedavg; the client-side adapters of splitlora), and
     which LoRA rank each client trains."""
 
-    aggregator: Literal["fedit", "zero_pad", "svd", "stack", "product", "hlora"] = "fedit"
+    aggregator: AggregatorName = "fedit"
     """``fedit``: average every tensor (equal ranks); ``product``: mean of the updates B·A re-factored at
     rank r (equal ranks); ``zero_pad`` (HetLoRA): pad factors to the largest rank and average; ``svd``
     (FlexLoRA): SVD of the mean update, each client's top components; ``stack`` (FLoRA, fedavg only): exact
@@ -464,7 +494,7 @@ class Config(_Strict):
     """Run name: the run directory is ``runs/<name>-<timestamp>`` unless ``--out`` is given (default: the config file's stem)."""
     seed: int = Field(0, ge=0)
     """Seeds everything: partitions, client sampling, batches, LoRA init, dropout."""
-    algorithm: Literal["central", "fedavg", "sl", "splitlora", "declora"] = "fedavg"
+    algorithm: AlgorithmName = "fedavg"
     """The paradigm: ``central`` (LoRA on the pooled data), ``fedavg`` (federated LoRA), ``sl`` (sequential
     split learning), ``splitlora`` (parallel split learning, SplitLoRA), ``declora`` (serverless gossip, Dec-LoRA)."""
     engine: Literal["inprocess"] = "inprocess"

@@ -16,7 +16,7 @@ from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from .config import Config
+from .config import Config, Registered
 from .rundir import RESUMABLE_KEYS
 
 COMMAND = "python -m colora.configdoc > docs/config.md"
@@ -100,6 +100,9 @@ def _table(prefix: str, section: BaseModel) -> list[str]:
             continue
         tp = type_name(field.annotation)
         tp = f"one of {tp}" if typing.get_origin(field.annotation) is Literal else tp
+        registry = next((m for m in field.metadata if isinstance(m, Registered)), None)
+        if registry is not None:  # a name validated against its registry: list what is registered
+            tp = "one of " + " | ".join(registry.names())
         default = yaml_value(getattr(section, name))
         rows.append(f"| `{key}` | {_cell(tp)} | `{_cell(default)}` | {_cell(constraints(field))} | {_cell(desc)} |")
     return rows

@@ -93,3 +93,18 @@ def test_config_name_defaults_to_file_stem(tmp_path):
     path = tmp_path / "mrpc_small.yaml"
     path.write_text("rounds: 2\n")
     assert load_config(path).name == "mrpc_small"
+
+
+def test_algorithm_and_aggregator_names_come_from_their_registries(monkeypatch):
+    """Names are registered once, where they are implemented; the config validates against them."""
+    from colora import aggregation, algorithms
+
+    with pytest.raises(ConfigError, match=r"algorithm='gossip2': not a registered name \(registered: central, fedavg"):
+        build_config({"algorithm": "gossip2"})
+    monkeypatch.setitem(algorithms.ALGORITHMS, "gossip2", algorithms.ALGORITHMS["declora"])
+    assert build_config({"algorithm": "gossip2"}).algorithm == "gossip2"
+    monkeypatch.setitem(aggregation.RULES, "median", aggregation.RULES["fedit"])
+    assert build_config({"federation": {"aggregator": "median"}}).federation.aggregator == "median"
+    monkeypatch.delitem(aggregation.RULES, "median")
+    with pytest.raises(ConfigError, match="federation.aggregator='median': not a registered name"):
+        build_config({"federation": {"aggregator": "median"}})

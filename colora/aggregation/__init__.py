@@ -31,6 +31,8 @@ Aggregator = Callable[[list[AdapterState], list[float]], AdapterState]
 
 AGGREGATORS: dict[str, Aggregator] = {"fedit": fedit, "product": product}
 RANKED: dict[str, RankedRule] = {"zero_pad": ZERO_PAD, "svd": SVD, "stack": STACK, "hlora": HLORA}
+# Every federation.aggregator name (the config validates against this registry).
+RULES: dict[str, Aggregator | RankedRule] = {**AGGREGATORS, **RANKED}
 EXACT = {"fedit": False, "product": True, **{name: rule.exact for name, rule in RANKED.items()}}
 
 
@@ -52,5 +54,5 @@ def get_ranked_rule(fed: FederationConfig) -> RankedRule:
     return rule
 
 
-__all__ = ["AGGREGATORS", "EXACT", "RANKED", "RankedRule", "get_aggregator", "get_ranked_rule", "hetlora_prune",
+__all__ = ["AGGREGATORS", "EXACT", "RANKED", "RULES", "RankedRule", "get_aggregator", "get_ranked_rule", "hetlora_prune",
            "server_step", "fedit", "product"]
