@@ -32,6 +32,7 @@ import numpy as np
 
 from .config import TOPOLOGY_NAMES as TOPOLOGIES
 from .config import ColoraError, GossipConfig, read_text_file
+
 MIXINGS = ("metropolis", "laplacian", "uniform")
 UNION_WINDOW = 5  # rounds over which a time-varying graph's union must be connected
 _TOL = 1e-12

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from .conftest import read_rows, tiny_raw, write_glue
 
 from colora import rundir
 from colora.cli import main
 from colora.compare import load_sweep
 from colora.config import load_config
 from colora.engines import run_experiment
+
+from .conftest import read_rows, tiny_raw, write_glue
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SECRET = "SECRET-CONTENT-7f3a"  # planted in files an error must not quote

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from colora.states import payload_nbytes, serialize
 from colora.algorithms.declora import (
     choco_gossip,
     consensus_distance,
@@ -19,6 +18,7 @@ from colora.algorithms.declora import (
 from colora.codecs import Compressor
 from colora.config import DeviceProfile
 from colora.costmodel import declora_round_time, upload_time
+from colora.states import payload_nbytes, serialize
 from colora.topology import build_graph, make_topology
 
 

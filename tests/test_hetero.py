@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 
-from colora.states import lora_rank, payload_nbytes
-from colora.aggregation import RANKED, fedit
+from colora.aggregation import RULES, fedit
 from colora.aggregation.stack import stack, stack_for_client
 from colora.aggregation.svd import svd, svd_for_client
 from colora.aggregation.zero_pad import hetlora_prune, zero_pad, zero_pad_for_client
@@ -23,6 +22,7 @@ from colora.engines import InProcessEngine, run_experiment
 from colora.lowrank import factored_svd, stack_factors
 from colora.models import load_base_model, load_tokenizer
 from colora.ranks import data_size_ranks, resource_ranks
+from colora.states import lora_rank, payload_nbytes
 from colora.train import evaluate
 
 from .conftest import read_rows, tiny_config, tiny_raw
@@ -316,7 +316,7 @@ def test_fedavg_mixed_ranks_bytes_follow_each_clients_rank(tmp_path, agg):
     assert rows[-1]["global_rank"] == 8 and rows[-1]["eval/loss"] != rows[0]["eval/loss"]
     # what each client receives is a state at its own rank
     algo = engine.algorithm
-    assert [lora_rank(algo.ranked.client_state(k, 1)) for k in range(3)] == RANKS
+    assert [lora_rank(algo.server.client_state(k, 1)) for k in range(3)] == RANKS
 
 
 def test_fedavg_stack_merges_and_exports_a_peft_adapter_that_reproduces_the_metrics(tmp_path):
@@ -371,7 +371,7 @@ def test_zero_pad_with_hetlora_options_runs_and_resumes(tmp_path):
     run_experiment(build_config(yaml.safe_load((part / "config.yaml").read_text())), resume=part)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]  # noqa: E731
     assert strip(read_rows(part)) == strip(read_rows(whole))
-    ckpt = torch.load(whole / "checkpoint" / "state.pt", weights_only=True)["algorithm"]["ranked"]
+    ckpt = torch.load(whole / "checkpoint" / "state.pt", weights_only=True)["algorithm"]["server"]
     assert all(now <= first for now, first in zip(ckpt["ranks"], RANKS))
 
 
@@ -403,7 +403,7 @@ def test_bad_rank_settings_exit_2_with_one_line(tmp_path, capsys, sets, needle):
 def test_every_rule_is_registered_with_its_exactness():
     from colora.aggregation import EXACT
 
-    assert set(RANKED) == {"zero_pad", "svd", "stack", "hlora"}
+    assert {n for n, rule in RULES.items() if not rule.equal_ranks} == {"zero_pad", "svd", "stack", "hlora"}
     assert EXACT == {"fedit": False, "product": True, "zero_pad": False, "svd": True, "stack": True, "hlora": True}
 
 

@@ -150,3 +150,18 @@ def test_log_shows_the_label_histogram(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "food-neg" in out and "sport-pos" in out and "2 more clients in partition.json" in out
     assert "round 1/1" in out
+
+
+def test_a_checkpoint_from_before_the_one_rule_server_resumes(tmp_path):
+    """fedavg at equal ranks used to checkpoint its global adapter under "state"; such a run still
+    resumes, and ends as an uninterrupted run does."""
+    over = dict(rounds=3)
+    whole = run_experiment(tiny_config(**over), out=str(tmp_path / "whole"))
+    part = run_experiment(tiny_config(**over), out=str(tmp_path / "part"), stop_after=1)
+    path = part / "checkpoint" / "state.pt"
+    ckpt = torch.load(path, weights_only=True)
+    algo = ckpt["algorithm"]
+    ckpt["algorithm"] = {"state": algo["server"]["state"], "server_opt": algo["server_opt"], "client_steps": algo["client_steps"]}
+    torch.save(ckpt, path)
+    assert main(["run", "--resume", str(part)]) == 0
+    assert [r["eval/loss"] for r in read_rows(part)] == [r["eval/loss"] for r in read_rows(whole)]

@@ -11,14 +11,14 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import save as safetensors_save
 
-from colora.states import payload_nbytes
 from colora.cli import main
+from colora.codecs import decode_tensor, encode_tensor
 from colora.config import DeviceProfile
 from colora.costmodel import adapter_sync_time, sequential_split_time, split_step_time
 from colora.engines import InProcessEngine, run_experiment
 from colora.models import byte_tokenizer, load_base_model, load_tokenizer
 from colora.split.types import SplitJob
-from colora.codecs import decode_tensor, encode_tensor
+from colora.states import payload_nbytes
 from colora.train import batch_indices, evaluate
 
 from .conftest import read_rows, tiny_config, tiny_raw

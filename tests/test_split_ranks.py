@@ -7,12 +7,12 @@ import torch
 import yaml
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-from colora.states import lora_pairs, lora_rank, payload_nbytes
-from colora.algorithms.ranked import RankedServer
+from colora.algorithms.server import AdapterServer
 from colora.cli import main
 from colora.engines import InProcessEngine, run_experiment
 from colora.models import load_base_model, load_tokenizer
 from colora.split.types import SplitJob
+from colora.states import lora_pairs, lora_rank, payload_nbytes
 from colora.train import _torch_seed, batch_indices
 
 from .conftest import read_rows, tiny_config, tiny_raw
@@ -58,13 +58,13 @@ def test_equal_ranks_through_zero_pad_equal_fedit(tmp_path):
 
 def test_svd_of_mixed_rank_client_sides_is_the_exact_mean_update(tmp_path, monkeypatch):
     seen = []
-    aggregate = RankedServer.aggregate
+    aggregate = AdapterServer.aggregate
 
     def spy(self, states, weights):
         aggregate(self, states, weights)
         seen.append((states, weights, self.state))
 
-    monkeypatch.setattr(RankedServer, "aggregate", spy)
+    monkeypatch.setattr(AdapterServer, "aggregate", spy)
     cfg = tiny_config(clients__num=3, clients__per_round=3, train__local_steps=2, federation__aggregator="svd",
                       federation__ranks=[2, 4, 2], **{**SMALL, "rounds": 1})
     run_experiment(cfg, out=str(tmp_path / "svd"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..config import ColoraError
 from ..types import AdapterState
+from .hetero import equal_rank_rule
 
 
 def check_same_shapes(states: list[AdapterState], rule: str) -> None:
@@ -36,3 +37,6 @@ def fedit(states: list[AdapterState], weights: list[float]) -> AdapterState:
     """Weighted mean of each tensor of the clients' adapter states."""
     check_same_shapes(states, "fedit")
     return weighted_mean(states, weights)
+
+
+FEDIT = equal_rank_rule("fedit", fedit, exact=False)

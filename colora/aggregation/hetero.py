@@ -1,11 +1,13 @@
-"""The interface of aggregation rules for clients with different LoRA ranks, and what they share.
+"""The interface of every aggregation rule (equal and mixed LoRA ranks), and what rules share.
 
 Convention: an adapter state whose LoRA matrices have rank r stands for the update
 ΔW = (alpha / r) · B · A on each module, exactly as peft applies it. Every state below (client
 states, the global state, what a client receives) follows it, so each one is a valid peft adapter
 at its own rank.
 
-With mixed ranks one global state cannot fit every client, so a rule is a pair of pure functions:
+With mixed ranks one global state cannot fit every client, so a rule is a pair of pure functions
+(equal-rank rules, :func:`equal_rank_rule`, fit the same pair: their ``for_client`` hands every
+client the one global adapter, so algorithms never branch on the kind of rule):
 - ``aggregate(states, weights, alpha, rank, previous) -> global``: combines the clients' states
   (each at its own rank) into the global adapter at rank ``rank`` (the largest client rank; the
   global is what is evaluated and exported). ``previous`` is the global before the round (only
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -38,10 +41,11 @@ def lora_scale(alpha: float, rank: int) -> float:
 
 @dataclass(frozen=True)
 class RankedRule:
-    """A mixed-rank aggregation rule: ``aggregate`` to the global adapter, ``for_client`` back out.
+    """An aggregation rule: ``aggregate`` to the global adapter, ``for_client`` back out.
 
     ``merges_base``: the global adapter is merged into the clients' base weights and clients train a
     fresh adapter on top (FLoRA); the engine then adds the global's ΔW to the frozen base for them.
+    ``equal_ranks``: the rule combines states of one shape only (every client at the global's rank).
     """
 
     name: str
@@ -49,6 +53,23 @@ class RankedRule:
     for_client: Callable[[AdapterState, int, float, AdapterState | None, int], AdapterState]
     exact: bool
     merges_base: bool = False
+    equal_ranks: bool = False
+
+
+def _combine_equal(combine: Callable[[list[AdapterState], list[float]], AdapterState], states: list[AdapterState],
+                   weights: list[float], alpha: float, rank: int, previous: AdapterState | None) -> AdapterState:
+    return combine(states, weights)  # one rank: no scale to fold, nothing of the previous global to keep
+
+
+def same_for_every_client(global_state: AdapterState, rank: int, alpha: float, template: AdapterState | None,
+                          seed: int) -> AdapterState:
+    """``for_client`` of an equal-rank rule: every client receives the one global adapter."""
+    return global_state
+
+
+def equal_rank_rule(name: str, combine: Callable[[list[AdapterState], list[float]], AdapterState], exact: bool) -> RankedRule:
+    """The rule interface around an equal-rank ``combine(states, weights) -> global``."""
+    return RankedRule(name, partial(_combine_equal, combine), same_for_every_client, exact, equal_ranks=True)
 
 
 def non_lora_keys(state: AdapterState) -> list[str]:

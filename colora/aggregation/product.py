@@ -8,10 +8,11 @@ are averaged. Equal ranks and equal alpha, so the LoRA scale alpha/r is common a
 
 from __future__ import annotations
 
-from ..states import lora_pairs
 from ..lowrank import factored_svd, split_factors, stack_factors
+from ..states import lora_pairs
 from ..types import AdapterState
 from .fedit import check_same_shapes, weighted_mean
+from .hetero import equal_rank_rule
 
 
 def product(states: list[AdapterState], weights: list[float]) -> AdapterState:
@@ -27,3 +28,6 @@ def product(states: list[AdapterState], weights: list[float]) -> AdapterState:
         bcat, acat = stack_factors([s[b_key] for s in states], [s[a_key] for s in states], norm)
         out[b_key], out[a_key] = split_factors(*factored_svd(bcat, acat), rank, dtype)
     return {k: out[k] for k in states[0]}
+
+
+PRODUCT = equal_rank_rule("product", product, exact=True)

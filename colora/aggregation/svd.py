@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 
-from ..states import lora_pairs, lora_rank
 from ..lowrank import factored_svd, numerical_rank, split_factors, stack_factors
+from ..states import lora_pairs, lora_rank
 from ..types import AdapterState
 from .fedit import weighted_mean
 from .hetero import RankedRule, lora_scale, non_lora_keys, normalized, revive, truncate

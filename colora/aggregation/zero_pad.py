@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 
-from ..states import lora_pairs, lora_rank
 from ..lowrank import product_fro_norm
+from ..states import lora_pairs, lora_rank
 from ..types import AdapterState
 from .fedit import weighted_mean
 from .hetero import RankedRule, lora_scale, pad_rank, revive, truncate

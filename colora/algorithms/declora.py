@@ -33,10 +33,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..states import payload_nbytes
 from ..codecs import Compressor, from_gossip
 from ..costmodel import declora_round_time
 from ..schedule import lr_at
+from ..states import payload_nbytes
 from ..topology import Topology, TopologySchedule, mix
 from ..types import AdapterState, ClientTask, RoundResult
 from .base import Algorithm

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..states import payload_nbytes
 from ..config import ColoraError
 from ..costmodel import download_time, sequential_split_time, upload_time
 from ..schedule import lr_at
 from ..split.types import SplitJob
+from ..states import payload_nbytes
 from ..types import RoundResult
 from .base import sample_clients
 from .splitlora import SplitAlgorithm

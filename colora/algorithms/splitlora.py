@@ -32,15 +32,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..states import payload_nbytes
-from ..aggregation import RANKED, get_aggregator, get_ranked_rule
+from ..aggregation import get_rule
 from ..config import ColoraError, Config
 from ..costmodel import adapter_sync_time, split_step_time
 from ..schedule import lr_at
 from ..split.types import SplitJob, SplitRunner, SplitStepResult
+from ..states import payload_nbytes
 from ..types import AdapterState, RoundResult
 from .base import Algorithm, sample_clients
-from .ranked import RankedServer
+from .server import AdapterServer
 
 _TOTALS = ("client_flops", "server_flops", "samples", "jobs", "activation_bytes_up", "activation_bytes_down",
            "adapter_bytes_up", "adapter_bytes_down")
@@ -123,25 +123,22 @@ class SplitLoRA(SplitAlgorithm):
         fed, r = self.cfg.federation, self.cfg.model.lora.r
         self.per_client = self.cfg.split.server == "per_client"
         self.ranks = list(ctx.client_ranks) or [r] * self.cfg.clients.num
-        self.ranked = None
-        if fed.aggregator in RANKED:
-            if fed.aggregator == "stack":
-                raise ColoraError("federation.aggregator=stack is not available for algorithm=splitlora: it merges each "
-                                  "round's update into the frozen base, which clients and server share (use svd or zero_pad)")
-            if max(self.ranks) > r:
-                raise ColoraError(f"client ranks up to {max(self.ranks)} exceed model.lora.r={r}, the rank of the server side "
-                                  "and of the global adapter; raise model.lora.r")
-            keys = self.split.client_keys
-            self.ranked = RankedServer(self.cfg, self.ranks, lambda rank: {k: ctx.initial_state_at(rank)[k] for k in keys},
-                                       global_rank=r)
-            rule, alpha = get_ranked_rule(fed), self.cfg.model.lora.alpha
-            # per-client server copies (all at rank r) go through the same rule
-            self.aggregate = lambda states, weights: rule.aggregate(states, weights, alpha, r, states[0])
-        else:
-            if any(k != r for k in self.ranks):
-                raise ColoraError(f"federation.aggregator={fed.aggregator} needs every client at model.lora.r={r}, but the "
-                                  f"clients' ranks are {sorted(set(self.ranks))}; use zero_pad or svd for mixed ranks")
-            self.aggregate = get_aggregator(fed.aggregator)
+        rule = get_rule(fed)
+        if rule.merges_base:
+            raise ColoraError(f"federation.aggregator={fed.aggregator} is not available for algorithm=splitlora: it merges each "
+                              "round's update into the frozen base, which clients and server share (use svd or zero_pad)")
+        if rule.equal_ranks and any(k != r for k in self.ranks):
+            raise ColoraError(f"federation.aggregator={fed.aggregator} needs every client at model.lora.r={r}, but the "
+                              f"clients' ranks are {sorted(set(self.ranks))}; use zero_pad or svd for mixed ranks")
+        if max(self.ranks) > r:
+            raise ColoraError(f"client ranks up to {max(self.ranks)} exceed model.lora.r={r}, the rank of the server side "
+                              "and of the global adapter; raise model.lora.r")
+        keys = self.split.client_keys
+        self.server = AdapterServer(self.cfg, self.ranks, lambda rank: {k: ctx.initial_state_at(rank)[k] for k in keys},
+                                    global_rank=r)
+        # per-client server copies (all at rank r) go through the same rule
+        alpha = self.cfg.model.lora.alpha
+        self.aggregate = lambda states, weights: rule.aggregate(states, weights, alpha, r, states[0])
 
     def run_round(self, rnd: int) -> RoundResult:
         cfg, split = self.cfg, self.split
@@ -155,9 +152,8 @@ class SplitLoRA(SplitAlgorithm):
         down0 = [payload_nbytes(s) for s in clients]
         up, down, sim = 0, sum(down0), adapter_sync_time([], down0, devices, cfg.system.server, 0)
         losses = np.zeros(len(sampled))
-        ranks = [None if self.ranked is None else self.ranks[k] for k in sampled]
         for j in range(steps):
-            jobs = [SplitJob(k, clients[i], self.client_steps[k], ranks[i]) for i, k in enumerate(sampled)]
+            jobs = [SplitJob(k, clients[i], self.client_steps[k], self.server.ranks[k]) for i, k in enumerate(sampled)]
             res = split.step(jobs, servers, lr)
             clients, servers = res.client_states, res.server_states
             for k in sampled:
@@ -171,26 +167,21 @@ class SplitLoRA(SplitAlgorithm):
                 clients, servers, nbytes = self._average(clients, servers, weights, sampled, rnd, last=j + 1 == steps)
                 up, down = up + nbytes[0], down + nbytes[1]
                 sim += adapter_sync_time(nbytes[2], nbytes[3], devices, cfg.system.server, nbytes[4])
-        self.client_state = clients[0] if self.ranked is None else self.ranked.state
+        self.client_state = self.server.state
         self.server_state = servers[0]
         self.stats.totals["adapter_bytes_down"] += sum(down0)
         return RoundResult(float(np.average(losses, weights=weights)), up, down, sim, {"clients": len(sampled)})
 
     def _send(self, sampled: list[int], rnd: int) -> list[AdapterState]:
         """The global client-side adapter as each sampled client receives it (its own rank)."""
-        if self.ranked is None:
-            return [self.client_state] * len(sampled)
-        return [self.ranked.client_state(k, rnd) for k in sampled]
+        return [self.server.client_state(k, rnd) for k in sampled]
 
     def _average(self, clients: list[AdapterState], servers: list[AdapterState], weights: list[float],
                  sampled: list[int], rnd: int, last: bool):
         """FedAvg of the client-side adapters (and of per-client server copies): each client once."""
         ups = [payload_nbytes(s) for s in clients]
-        if self.ranked is None:
-            new = [self.aggregate(clients, weights)] * len(clients)
-        else:
-            self.ranked.aggregate(clients, weights)
-            new = self._send(sampled, rnd)
+        self.server.aggregate(clients, weights)
+        new = self._send(sampled, rnd)
         downs = [0 if last else payload_nbytes(s) for s in new]  # at a round's end the next round's broadcast sends it
         params = sum(t.numel() for s in new for t in s.values())
         if self.per_client:
@@ -202,15 +193,13 @@ class SplitLoRA(SplitAlgorithm):
         return new, servers, (sum(ups), sum(downs), ups, downs, params)
 
     def state_dict(self) -> dict:
-        state = super().state_dict()
-        if self.ranked is not None:
-            state["ranked"] = self.ranked.state_dict()
-        return state
+        return {**super().state_dict(), "server_adapter": self.server.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        if self.ranked is not None:
-            self.ranked.load_state_dict(state["ranked"])
+        # Checkpoints before the one-rule server kept only mixed-rank servers (equal ranks: the client state).
+        server = state.get("server_adapter") or state.get("ranked") or {**self.server.state_dict(), "state": self.client_state}
+        self.server.load_state_dict(server)
 
     def summary(self) -> dict:
         return self.stats.summary(self.split.accounting, {"server": self.cfg.split.server,

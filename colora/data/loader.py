@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 from colora.data.e2e import load_e2e
+from colora.data.errors import DataError
 from colora.data.glue import load_glue
 from colora.data.synthetic import load_synthetic
 from colora.data.tabular import load_tabular
-from colora.data.errors import DataError
 from colora.data.types import Task
 
 TASK_KINDS = ("seq-cls", "causal-lm")

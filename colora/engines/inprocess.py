@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from .. import rundir
 from ..adapters import RankedAdapters, attach_lora
-from ..states import adapter_params_at
 from ..algorithms import Context, get_algorithm
 from ..config import ColoraError, Config, NonFiniteError
 from ..data import label_histogram, load_task, partition
@@ -29,6 +28,7 @@ from ..nlg import generation_metrics
 from ..quantize import resident_nbytes
 from ..ranks import assign_ranks, rank_rule_name
 from ..split.trainer import SplitTrainer
+from ..states import adapter_params_at
 from ..system import ModelShape, client_profiles, memory_report, training_memory
 from ..train import LocalTrainer, encode, evaluate
 

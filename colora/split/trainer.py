@@ -34,12 +34,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..adapters import RankedAdapters
+from ..codecs import decode_tensor, encode_tensor, pack, unpack
 from ..config import ColoraError, Config
 from ..train import Encoded, _torch_seed, autocast, batch_indices
 from ..types import AdapterState
 from .cut import ModelCut, SplitError
 from .types import SplitJob, SplitStepResult
-from ..codecs import decode_tensor, encode_tensor, pack, unpack
 
 
 def _unique_numel(modules) -> int:

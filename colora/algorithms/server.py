@@ -1,10 +1,11 @@
-"""The server's side of federated LoRA when clients train adapters of different ranks.
+"""The server's side of federated LoRA, for clients of equal or different LoRA ranks.
 
-Shared by the algorithms whose clients each hold a LoRA adapter of their own rank (``fedavg``, and
-the client side of split learning): it keeps the global adapter, hands each client its projection
-(``RankedRule.for_client``), applies HetLoRA's rank self-pruning to what clients send back, and
-aggregates (``RankedRule.aggregate``). Pure bookkeeping over adapter states; it never touches the
-model. Everything it holds checkpoints as tensors, lists and numbers.
+Shared by the algorithms whose clients each hold a LoRA adapter (``fedavg``, and the client side of
+split learning): it keeps the global adapter, hands each client its projection
+(``RankedRule.for_client``: for equal-rank rules the global itself), applies HetLoRA's rank
+self-pruning to what clients send back, and aggregates (``RankedRule.aggregate``). One path for
+every rule: algorithms never branch on equal vs mixed ranks. Pure bookkeeping over adapter states;
+it never touches the model. Everything it holds checkpoints as tensors, lists and numbers.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..states import lora_rank, payload_nbytes
-from ..aggregation import get_ranked_rule, hetlora_prune
+from ..aggregation import get_rule, hetlora_prune
 from ..aggregation.stack import base_delta
-from ..config import Config
+from ..config import ColoraError, Config
+from ..states import lora_rank, payload_nbytes
 from ..types import AdapterState
 
 
-class RankedServer:
+class AdapterServer:
     """Global adapter at the largest client rank, per-client ranks, and the rule that links them."""
 
     def __init__(self, cfg: Config, ranks: list[int], initial_state_at: Callable[[int], AdapterState],
                  global_rank: int | None = None):
-        self.rule = get_ranked_rule(cfg.federation)
+        self.rule = get_rule(cfg.federation)
+        if self.rule.equal_ranks and len(set(ranks) | {global_rank or ranks[0]}) > 1:
+            raise ColoraError(f"federation.aggregator={self.rule.name} needs equal LoRA ranks, but the clients' ranks are "
+                              f"{sorted(set(ranks))}; use zero_pad, svd or stack for mixed ranks")
         self.alpha, self.seed = cfg.model.lora.alpha, cfg.seed
         self.prune_gamma = cfg.federation.hetlora_prune_gamma
         self.initial_state_at = initial_state_at
