@@ -72,8 +72,9 @@ class AdapterSlots:
             )
 
     def get(self) -> AdapterState:
-        """A detached copy of the current adapter state."""
-        return {k: p.detach().clone() for k, p in self.params.items()}
+        """A detached copy of the current adapter state, on the CPU (where states travel and combine,
+        whatever device the model computes on)."""
+        return {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()}
 
     def load(self, state: AdapterState) -> None:
         """Copy ``state`` into the live tensors; missing or unexpected keys are errors."""
@@ -173,7 +174,7 @@ class RankedAdapters:
                     if prefix not in self._w0:
                         self._w0[prefix] = weight.detach().clone()
                     dw = scale * (delta[b_key].double() @ delta[a_key].double())
-                    weight.add_((dw.T if self.model.get_submodule(prefix).fan_in_fan_out else dw).to(weight.dtype))
+                    weight.add_((dw.T if self.model.get_submodule(prefix).fan_in_fan_out else dw).to(weight.device, weight.dtype))
         self._merged = delta
 
     def _base_weight(self, prefix: str) -> torch.Tensor:

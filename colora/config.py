@@ -487,6 +487,17 @@ class EvalConfig(_Strict):
     """Most tokens generated per input when ``generate`` is on."""
 
 
+class EngineConfig(_Strict):
+    """Where the client work runs. Results are equal on every engine and device at a fixed seed up to
+    floating-point order (a GPU's kernels round differently from a CPU's)."""
+
+    kind: Literal["inprocess"] = "inprocess"
+    """``inprocess``: one resident frozen base model, clients simulated one after another (the reference)."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """``auto`` (CUDA when a GPU is visible, else CPU), ``cpu``, ``cuda`` or ``cuda:N``: where the model,
+    batches, evaluation and split messages compute; adapter states travel between parties on the CPU."""
+
+
 class Config(_Strict):
     """The whole experiment. Field names and defaults follow CONTRACT.md."""
 
@@ -497,8 +508,8 @@ class Config(_Strict):
     algorithm: AlgorithmName = "fedavg"
     """The paradigm: ``central`` (LoRA on the pooled data), ``fedavg`` (federated LoRA), ``sl`` (sequential
     split learning), ``splitlora`` (parallel split learning, SplitLoRA), ``declora`` (serverless gossip, Dec-LoRA)."""
-    engine: Literal["inprocess"] = "inprocess"
-    """Where client work runs: ``inprocess``, one resident model with clients simulated in turn."""
+    engine: EngineConfig = EngineConfig()
+    """Where client work runs (a plain ``engine: inprocess``, the older form, still loads)."""
     rounds: int = Field(20, gt=0)
     """Communication rounds; each takes ``train.local_steps`` steps per client (central: on the pooled data)."""
     model: ModelConfig = ModelConfig()
@@ -525,6 +536,13 @@ class Config(_Strict):
     pinned_inputs: dict[str, str] = {}
     """Written by colora, not by you: the sha256 of every input file a run reads, by config key
     (``data.path``, ``gossip.topology``, ``system.presets_file``); ``--resume`` refuses to go on if one changed."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_by_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("engine"), str):  # `engine: inprocess` (before the section)
+            data = {**data, "engine": {"kind": data["engine"]}}
+        return data
 
     @model_validator(mode="after")
     def _name_is_a_folder_name(self) -> "Config":

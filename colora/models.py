@@ -153,6 +153,20 @@ def load_base_model(cfg: ModelConfig, num_labels: int, tokenizer, seed: int = 0)
     return quantize_base(model, cfg.quantize, keep=head_module_names(model))
 
 
+def resolve_device(spec: str) -> torch.device:
+    """``engine.device`` as a torch device (``auto``: CUDA when visible); a CUDA device that is not
+    present is a one-line :class:`ModelError` before anything loads."""
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec == "auto":
+        return torch.device("cuda" if cuda else "cpu")
+    if spec.startswith("cuda"):
+        index = int(spec.partition(":")[2] or 0)
+        if index >= cuda:
+            seen = "no CUDA device is visible here" if not cuda else f"only cuda:0..cuda:{cuda - 1} are visible"
+            raise ModelError(f"engine.device={spec}: {seen}; use engine.device=cpu or auto")
+    return torch.device(spec)
+
+
 def head_module_names(model: torch.nn.Module) -> list[str]:
     """Names of the task-head modules that train and travel with the adapter."""
     names = [n for n in ("classifier", "score") if hasattr(model, n)]

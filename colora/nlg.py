@@ -50,7 +50,7 @@ def generate(model, tokenizer, sources: list[str], max_new_tokens: int) -> list[
     model.eval()
     out = []
     for source in sources:
-        ids = torch.tensor([tokenizer(source + " ||")["input_ids"]])
+        ids = torch.tensor([tokenizer(source + " ||")["input_ids"]], device=next(model.parameters()).device)
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())

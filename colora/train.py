@@ -85,6 +85,12 @@ def encode(split: TextDataset, task: Task, tokenizer, max_length: int) -> Encode
     return Encoded(ids, None, None, lm, tokenizer.pad_token_id)
 
 
+def to_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``batch`` on the model's device (the same tensors when that is the CPU)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def autocast(precision: str, model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """The compute context of ``train.precision``: bf16 autocast on the model's device, or nothing.
 
@@ -173,12 +179,13 @@ class LocalTrainer:
             slots = self.adapters.activate(task.rank)
         slots.load(task.state)
         opt = self._optimizer(task, slots)
+        anchor = None if task.prox_anchor is None else to_device(task.prox_anchor, self.model)
         self.model.train()
         torch.manual_seed(_torch_seed(self.seed, task.client_id, task.start_step))
         losses, flops = [], 0.0
         for step in range(task.start_step, task.start_step + task.steps):
             idx = batch_indices(self.parts[task.client_id], self.cfg.batch_size, step, self.seed, task.client_id)
-            loss, f = self._step(self.data.collate(idx), opt, task.prox_anchor, slots)
+            loss, f = self._step(to_device(self.data.collate(idx), self.model), opt, anchor, slots)
             losses.append(loss)
             flops += f
         state = slots.get()
@@ -221,7 +228,7 @@ def evaluate(model, data: Encoded, task: Task, batch_size: int, precision: str =
     total_loss, total_count, preds = 0.0, 0, np.empty(len(data), dtype=np.float64)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = data.collate(idx)
+        batch = to_device(data.collate(idx), model)
         labels = batch.pop("labels")
         with autocast(precision, model):
             logits = model(**batch).logits.float()
@@ -235,11 +242,11 @@ def evaluate(model, data: Encoded, task: Task, batch_size: int, precision: str =
             out = logits.squeeze(-1)
             total_loss += float(torch.nn.functional.mse_loss(out, labels, reduction="sum"))
             total_count += len(idx)
-            preds[idx] = out.numpy()
+            preds[idx] = out.cpu().numpy()
         else:
             total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
             total_count += len(idx)
-            preds[idx] = logits.argmax(-1).numpy()
+            preds[idx] = logits.argmax(-1).cpu().numpy()
     loss = total_loss / max(total_count, 1)
     metrics = {"eval/loss": loss}
     if task.kind == "causal-lm":

@@ -49,7 +49,7 @@ _TOTALS = ("client_flops", "server_flops", "samples", "jobs", "activation_bytes_
 def check_split_config(cfg: Config, split: SplitRunner | None) -> SplitRunner:
     """Refuse settings the split algorithms do not implement, naming the key and value."""
     if split is None:
-        raise ColoraError(f"algorithm={cfg.algorithm}: engine={cfg.engine} offers no split runner")
+        raise ColoraError(f"algorithm={cfg.algorithm}: engine.kind={cfg.engine.kind} offers no split runner")
     if cfg.train.prox_mu > 0:
         raise ColoraError(f"train.prox_mu={cfg.train.prox_mu:g}: FedProx is not available for algorithm={cfg.algorithm}")
     if cfg.federation.server_optimizer != "none":

@@ -23,7 +23,7 @@ from ..adapters import RankedAdapters, attach_lora
 from ..algorithms import Context, get_algorithm
 from ..config import ColoraError, Config, NonFiniteError
 from ..data import label_histogram, load_task, partition
-from ..models import load_base_model, load_tokenizer
+from ..models import load_base_model, load_tokenizer, resolve_device
 from ..nlg import generation_metrics
 from ..quantize import resident_nbytes
 from ..ranks import assign_ranks, rank_rule_name
@@ -38,6 +38,7 @@ class InProcessEngine:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.device = resolve_device(cfg.engine.device)  # before anything loads: a missing GPU is exit 2
         d = cfg.data
         self.task = load_task(
             d.name, d.path, task_kind=cfg.model.task, seed=cfg.seed, text_column=d.text_column,
@@ -51,7 +52,7 @@ class InProcessEngine:
             raise ColoraError(f"eval.generate={cfg.eval.generate}: generation needs a data-to-text causal-lm task (data.name={d.name!r} is not)")
         base = load_base_model(cfg.model, self.task.num_labels, tokenizer, seed=cfg.seed)
         check_max_length(base.config, d.max_length)
-        self.model = attach_lora(base, cfg.model, seed=cfg.seed)
+        self.model = attach_lora(base, cfg.model, seed=cfg.seed).to(self.device)
         self.adapters = RankedAdapters(self.model, cfg.seed)  # one peft adapter per LoRA rank in use
         self.slots = self.adapters.slots[self.adapters.default_rank]
         train = encode(self.task.train, self.task, tokenizer, d.max_length)

@@ -41,9 +41,9 @@ class SplitError(ColoraError):
 
 def _pool_last(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     # [B, T, C] -> [B, C] at the rightmost attended position, as HF's "last non-pad token".
-    positions = torch.arange(attention_mask.shape[-1], dtype=torch.int32)
+    positions = torch.arange(attention_mask.shape[-1], dtype=torch.int32, device=attention_mask.device)
     last = (positions * attention_mask.to(torch.int32)).argmax(-1)
-    return logits[torch.arange(logits.shape[0]), last]
+    return logits[torch.arange(logits.shape[0], device=logits.device), last]
 
 
 class _Family(ABC):
@@ -118,14 +118,14 @@ class _GPT2(_Family):
 
     def embed(self, batch):
         ids = batch["input_ids"]
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         hidden = self.body.wte(ids) + self.body.wpe(positions)
         if batch.get("token_type_ids") is not None:  # GPT-2 embeds token types with wte
             hidden = hidden + self.body.wte(batch["token_type_ids"])
         return self.body.drop(hidden)
 
     def block_inputs(self, hidden, attention_mask):
-        positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   cache=None, position_ids=positions)
         return {"mask": mask, "position_ids": positions}

@@ -35,8 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..adapters import RankedAdapters
 from ..codecs import decode_tensor, encode_tensor, pack, unpack
-from ..config import ColoraError, Config
-from ..train import Encoded, _torch_seed, autocast, batch_indices
+from ..config import ColoraError, Config, NonFiniteError
+from ..train import Encoded, _torch_seed, autocast, batch_indices, to_device
 from ..types import AdapterState
 from .cut import ModelCut, SplitError
 from .types import SplitJob, SplitStepResult
@@ -76,15 +76,15 @@ class SplitTrainer:
         }
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.pending_optimizer_states: dict[str, dict] = {}  # restored on first use after a resume
-        self._rng: dict[int, torch.Tensor] = {}
+        self._rng: dict[int, tuple] = {}  # each client's dropout stream: CPU (and CUDA) generator states
         self._flops: dict[tuple, float] = {}
 
     # -- SplitRunner -------------------------------------------------------------------------
 
     def begin(self, client_ids: list[int], start_steps: list[int], fresh_optimizers: bool) -> None:
         for k, step in zip(client_ids, start_steps):
-            torch.manual_seed(_torch_seed(self.seed, k, step))
-            self._rng[k] = torch.get_rng_state()
+            torch.manual_seed(_torch_seed(self.seed, k, step))  # seeds the CUDA generators too
+            self._rng[k] = self._rng_state()
             if fresh_optimizers:
                 for name in (f"client/{k}", self._server_opt(k)):
                     self.optimizers.pop(name, None)
@@ -118,6 +118,15 @@ class SplitTrainer:
         self.pending_optimizer_states = dict(state["optimizers"])
 
     # -- one client's batch ------------------------------------------------------------------
+
+    def _rng_state(self) -> tuple:
+        device = next(self.model.parameters()).device
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def _set_rng_state(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], next(self.model.parameters()).device)
 
     def _server_opt(self, client_id: int) -> str:
         return "server/shared" if self.shared_server else f"server/{client_id}"
@@ -169,7 +178,7 @@ class SplitTrainer:
 
     @staticmethod
     def _get(live: dict[str, torch.nn.Parameter]) -> AdapterState:
-        return {k: p.detach().clone() for k, p in live.items()}
+        return {k: p.detach().to("cpu", copy=True) for k, p in live.items()}  # states travel on the CPU
 
     @contextmanager
     def _measure(self, chunk: str, shape: tuple) -> Iterator[None]:
@@ -188,9 +197,10 @@ class SplitTrainer:
     def _run_job(self, job: SplitJob, server_state: AdapterState, lr: float):
         k, cut, codec = job.client_id, self.cut, self.codec
         idx = batch_indices(self.parts[k], self.train_cfg.batch_size, job.step, self.seed, k)
-        batch = self.data.collate(idx)
+        batch = to_device(self.data.collate(idx), self.model)
         labels = batch.pop("labels")
         mask = batch["attention_mask"]
+        device = mask.device  # what crosses the cut is bytes; each side rebuilds it on its device
         shape = (job.rank, *batch["input_ids"].shape)  # client FLOPs depend on its LoRA rank
         client_live, server_live = self._params(self.client_keys, job.rank), self._params(self.server_keys)
         self._load(client_live, job.state)
@@ -200,7 +210,7 @@ class SplitTrainer:
         self.model.train()
         if k not in self._rng:
             raise ValueError(f"client {k}: begin() must start its local work before step()")
-        torch.set_rng_state(self._rng[k])
+        self._set_rng_state(self._rng[k])
 
         with self._measure("client_forward", shape):
             act = cut.client_forward(batch)
@@ -210,30 +220,30 @@ class SplitTrainer:
         blob = pack(uplink)
         up, down = len(blob), 0
         recv = unpack(blob)  # --- server side from here: only what the bytes carry
-        cut_in = decode_tensor("activation", recv).requires_grad_(True)
-        server_mask = recv["attention_mask"].long()
+        cut_in = decode_tensor("activation", recv).to(device).requires_grad_(True)
+        server_mask = recv["attention_mask"].long().to(device)
         if not cut.u_shaped:
             with self._measure("server", shape):
-                loss = cut.server_forward(cut_in, server_mask, recv["labels"])
+                loss = cut.server_forward(cut_in, server_mask, recv["labels"].to(device))
                 loss.backward()
         else:
             with self._measure("server_forward", shape):
                 last = cut.server_body(cut_in, server_mask)
             blob = pack(encode_tensor("activation", last, codec))
             down += len(blob)
-            head_in = decode_tensor("activation", unpack(blob)).requires_grad_(True)  # --- client
+            head_in = decode_tensor("activation", unpack(blob)).to(device).requires_grad_(True)  # --- client
             with self._measure("client_head", shape):
                 loss = cut.head_loss(head_in, mask, labels)
                 loss.backward()
             blob = pack(encode_tensor("grad", head_in.grad, codec))
             up += len(blob)
             with self._measure("server_backward", shape):  # --- server
-                torch.autograd.backward(last, decode_tensor("grad", unpack(blob)))
-        self._rng[k] = torch.get_rng_state()
+                torch.autograd.backward(last, decode_tensor("grad", unpack(blob)).to(device))
+        self._rng[k] = self._rng_state()
         self._finish(server_opt, server_live)
         blob = pack(encode_tensor("grad", cut_in.grad, codec))
         down += len(blob)
-        grad = decode_tensor("grad", unpack(blob))  # --- client side again
+        grad = decode_tensor("grad", unpack(blob)).to(device)  # --- client side again
         if act.requires_grad:  # False only when no client parameter trains
             with self._measure("client_backward", shape):
                 torch.autograd.backward(act, grad)
@@ -242,7 +252,7 @@ class SplitTrainer:
         value = float(loss.detach())
         client, server = self._get(client_live), self._get(server_live)
         if not math.isfinite(value) or any(not torch.isfinite(t).all() for t in (*client.values(), *server.values())):
-            raise ColoraError(f"client {k} produced a non-finite update (train.lr={lr:g} may be too high)")
+            raise NonFiniteError(f"client {k}'s split step produced NaN or inf", "train.lr")
         client_chunks = ("client_forward", "client_backward", "client_head")
         server_chunks = ("server", "server_forward", "server_backward")
         cf = sum(self._flops.get((c, shape), 0.0) for c in client_chunks)
