@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from .engines import run_experiment
+    from .experiment import run_experiment
     from .rundir import resume_config
 
     if args.resume:

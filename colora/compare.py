@@ -160,7 +160,7 @@ def run_sweep(runs: list[tuple[str, Config]], out: Path, jobs: int = 1) -> Sweep
 
 def _run_here(todo, out: Path, total: int):
     """Runs one after another in this process; yields (index, name, log, why) for each failure."""
-    from .engines import run_experiment
+    from .experiment import run_experiment
 
     for i, name, cfg, run_dir in todo:
         print(f"[{i + 1}/{total}] {name}")

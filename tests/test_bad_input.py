@@ -19,7 +19,7 @@ from colora import rundir
 from colora.cli import main
 from colora.compare import load_sweep
 from colora.config import load_config
-from colora.engines import run_experiment
+from colora.experiment import run_experiment
 
 from .conftest import read_rows, tiny_raw, write_glue
 

@@ -11,7 +11,7 @@ import yaml
 from colora.cli import main
 from colora.config import ConfigError, build_config
 from colora.data import DataError, label_histogram, partition
-from colora.engines import run_experiment
+from colora.experiment import run_experiment
 
 from .conftest import read_rows, tiny_config, tiny_raw
 

@@ -8,7 +8,7 @@ import yaml
 
 from colora.cli import main
 from colora.config import build_config
-from colora.engines import run_experiment
+from colora.experiment import run_experiment
 from colora.models import resolve_device
 
 from .conftest import read_rows, tiny_config, tiny_raw

@@ -18,7 +18,8 @@ from colora.aggregation.svd import svd, svd_for_client
 from colora.aggregation.zero_pad import hetlora_prune, zero_pad, zero_pad_for_client
 from colora.cli import main
 from colora.config import ColoraError, DeviceProfile, build_config
-from colora.engines import InProcessEngine, run_experiment
+from colora.engines import InProcessEngine
+from colora.experiment import run_experiment
 from colora.lowrank import factored_svd, stack_factors
 from colora.models import load_base_model, load_tokenizer
 from colora.ranks import data_size_ranks, resource_ranks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from colora.engines import run_experiment
+from colora.experiment import run_experiment
 from colora.train import batch_indices
 
 from .conftest import read_rows, tiny_config

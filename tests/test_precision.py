@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from colora.engines import run_experiment
+from colora.experiment import run_experiment
 from colora.models import load_base_model, load_tokenizer
 from colora.train import autocast
 from tests.conftest import read_rows, tiny_config

@@ -35,7 +35,8 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
 @needs_bnb
 @pytest.mark.parametrize("mode, layer", [("int8", "Linear8bitLt"), ("4bit", "Linear4bit")])
 def test_quantized_base_gets_peft_bitsandbytes_lora_layers_and_trains(tmp_path, mode, layer):
-    from colora.engines import InProcessEngine, run_experiment
+    from colora.engines import InProcessEngine
+    from colora.experiment import run_experiment
 
     over = dict(algorithm="declora", model__quantize=mode, rounds=2, train__local_steps=2, train__lr=0.02,
                 data__synthetic_train=90, data__synthetic_eval=32, data__max_length=32)

@@ -10,7 +10,8 @@ from peft import PeftModel
 
 from colora.cli import main
 from colora.config import build_config
-from colora.engines import InProcessEngine, run_experiment
+from colora.engines import InProcessEngine
+from colora.experiment import run_experiment
 from colora.models import load_base_model, load_tokenizer
 
 from .conftest import read_rows, tiny_config, tiny_raw

@@ -15,7 +15,8 @@ from colora.cli import main
 from colora.codecs import decode_tensor, encode_tensor
 from colora.config import DeviceProfile
 from colora.costmodel import adapter_sync_time, sequential_split_time, split_step_time
-from colora.engines import InProcessEngine, run_experiment
+from colora.engines import InProcessEngine
+from colora.experiment import run_experiment
 from colora.models import byte_tokenizer, load_base_model, load_tokenizer
 from colora.split.types import SplitJob
 from colora.states import payload_nbytes

@@ -9,7 +9,8 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 from colora.algorithms.server import AdapterServer
 from colora.cli import main
-from colora.engines import InProcessEngine, run_experiment
+from colora.engines import InProcessEngine
+from colora.experiment import run_experiment
 from colora.models import load_base_model, load_tokenizer
 from colora.split.types import SplitJob
 from colora.states import lora_pairs, lora_rank, payload_nbytes

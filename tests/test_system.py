@@ -13,7 +13,8 @@ import colora.algorithms.fedavg as fedavg_module
 import colora.algorithms.splitlora as splitlora_module
 from colora.cli import main
 from colora.config import ConfigError, DeviceProfile, load_presets
-from colora.engines import InProcessEngine, run_experiment
+from colora.engines import InProcessEngine
+from colora.experiment import run_experiment
 from colora.system import ModelShape, activation_bytes, client_profiles, memory_report, training_memory
 
 from .conftest import tiny_config, tiny_raw

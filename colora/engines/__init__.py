@@ -1,5 +1,6 @@
-"""Engines run an algorithm's client tasks and own the round loop and the run directory."""
+"""Engines build the model and run an algorithm's client work; ``colora.experiment`` owns the round
+loop and the run directory."""
 
-from .inprocess import InProcessEngine, run_experiment
+from .inprocess import InProcessEngine
 
-__all__ = ["InProcessEngine", "run_experiment"]
+__all__ = ["InProcessEngine"]
