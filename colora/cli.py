@@ -42,20 +42,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from .experiment import run_experiment
-    from .rundir import resume_config
-
     if args.resume:
         if args.config or args.out:
             raise ColoraError("--resume DIR takes no config file or --out: the run directory's config.yaml is used "
                               "(--set changes the settings that may change mid-run)")
+        from .experiment import run_experiment
+        from .rundir import resume_config
+
         run_dir = Path(args.resume)
         cfg, changed = resume_config(run_dir, args.overrides)
         run_experiment(cfg, resume=run_dir, changed=changed)
     else:
         if not args.config:
             raise ColoraError("colora run needs a CONFIG.yaml (or --resume DIR)")
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)  # a bad config answers before torch is imported
+        from .experiment import run_experiment
+
         run_dir = run_experiment(cfg, out=args.out)
     print(f"run directory: {run_dir}")
     return 0
