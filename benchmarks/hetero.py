@@ -79,7 +79,7 @@ def main() -> None:
     if args.report_only:  # the table of whatever finished under --out
         dirs = [out / f"{i}-{name}" for i, (name, _) in enumerate(runs)]
     else:
-        dirs = run_sweep(runs, out, args.jobs)  # finished runs under --out are kept
+        dirs = run_sweep(runs, out, args.jobs).dirs  # finished runs under --out are kept; failed ones print why
     # accuracy alone cannot rank rules that sit near the majority rate; dev loss still can.
     # results[metric][task][rule][seed]: every rule sees the same sampled clients under one seed, so
     # per-seed differences between rules are paired comparisons.

@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ttt_sweep  # noqa: E402
 
-from colora.compare import run_sweep  # noqa: E402
 from colora.config import load_presets  # noqa: E402
 from colora.report import load_run, time_to_target, write_report  # noqa: E402
 
@@ -78,7 +77,7 @@ def main() -> None:
             table[preset] = [h["sim_time_s"] for h in hits]
             continue
         probe = ttt_sweep.sweep_configs({**sets, "system.preset": preset, "rounds": k, "eval.every": k})
-        dirs = run_sweep(probe, out / f"probe-{preset}", args.jobs)
+        dirs = ttt_sweep.run_all(probe, out / f"probe-{preset}", args.jobs)
         table[preset] = [None if h["sim_time_s"] is None else
                          h["sim_time_s"] * sim_time_at(load_run(d), k) / sim_time_at(r, k)
                          for h, d, r in zip(hits, dirs, runs)]

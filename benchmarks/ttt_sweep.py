@@ -33,10 +33,18 @@ def sweep_configs(overrides: dict | None = None, sweep: Path = SWEEP) -> list[tu
         return load_sweep(path)
 
 
+def run_all(runs: list[tuple[str, Config]], out: Path, jobs: int) -> list[Path]:
+    """Every run's directory, in order; a failed run stops the benchmark (its tables need every run)."""
+    result = run_sweep(runs, out, jobs)
+    if result.failed:
+        raise SystemExit(f"{len(result.failed)} sweep run(s) failed: {'; '.join(result.failed)}")
+    return result.dirs
+
+
 def run(out: Path, jobs: int, overrides: dict | None = None) -> list[tuple[Config, Path]]:
     """Run (or reuse) every run of the sweep under ``out``; returns (config, run directory) pairs."""
     runs = sweep_configs(overrides)
-    return list(zip([cfg for _, cfg in runs], run_sweep(runs, out, jobs)))
+    return list(zip([cfg for _, cfg in runs], run_all(runs, out, jobs)))
 
 
 def parse_sets(items: list[str]) -> dict:

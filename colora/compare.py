@@ -124,8 +124,9 @@ def _comparable(raw) -> dict:
 
 @dataclass
 class SweepResult:
-    """Run directories of the finished runs, and one line per run that failed."""
+    """Every run's directory (in sweep order), those of the finished runs, one line per failed run."""
 
+    dirs: list[Path]
     finished: list[Path]
     failed: list[str]
 
@@ -154,7 +155,7 @@ def run_sweep(runs: list[tuple[str, Config]], out: Path, jobs: int = 1) -> Sweep
     for i, name, log, why in runner(todo, out, len(runs)):
         failed[i] = f"run {i} ({name}) {why}; see {log}"
         print(f"colora: sweep run {i} ({name}) failed: {why} (log: {log})", file=sys.stderr)
-    return SweepResult([d for i, d in enumerate(dirs) if i not in failed and (d / "summary.json").is_file()],
+    return SweepResult(dirs, [d for i, d in enumerate(dirs) if i not in failed and (d / "summary.json").is_file()],
                        [failed[i] for i in sorted(failed)])
 
 
