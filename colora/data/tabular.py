@@ -153,14 +153,13 @@ def _encode_labels(train_raw: list[tuple[int, object]], eval_raw: list[tuple[int
 
     Empty or non-finite labels, and eval labels the train file never has, are errors naming the
     file and line: they would otherwise become classes (or NaN targets) of their own."""
-    for file, raw in ((train_file, train_raw), (eval_file, eval_raw)):
-        for lineno, value in raw:
-            number = _number(value)
-            if str(value).strip() == "" or (number is not None and not math.isfinite(number)):
-                raise DataError(f"{file}, line {lineno}: label column {column!r} is empty, NaN or inf")
     train_values, eval_values = [v for _, v in train_raw], [v for _, v in eval_raw]
     train_num = [_number(v) for v in train_values]
     eval_num = [_number(v) for v in eval_values]
+    for file, raw, nums in ((train_file, train_raw, train_num), (eval_file, eval_raw, eval_num)):
+        for (lineno, value), number in zip(raw, nums):
+            if str(value).strip() == "" or (number is not None and not math.isfinite(number)):
+                raise DataError(f"{file}, line {lineno}: label column {column!r} is empty, NaN or inf")
     if all(x is not None for x in train_num + eval_num):
         if all(isinstance(x, int) for x in train_num + eval_num):
             ids = train_num + eval_num

@@ -184,9 +184,8 @@ def check_max_length(model_config, max_length: int) -> None:
 def check_ranks(model, rank: int) -> None:
     """No LoRA rank above min(d_in, d_out) of a target module: B·A cannot have a higher rank, so
     the extra components would only cost memory and bytes."""
-    dims = {name.rsplit(".", 1)[-1]: min(m.in_features, m.out_features)
-            for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    module, limit = min(dims.items(), key=lambda kv: kv[1])
+    limit, module = min((min(m.in_features, m.out_features), name.rsplit(".", 1)[-1])
+                        for name, m in model.named_modules() if isinstance(m, LoraLayer))
     if rank > limit:
         raise ColoraError(f"LoRA rank {rank} (model.lora.r or federation.ranks/rank_set) exceeds min(d_in, d_out)={limit} "
                           f"of target module '{module}'; use ranks <= {limit}")
