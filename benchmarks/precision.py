@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from colora.config import load_config
-from colora.engines.inprocess import InProcessEngine
+from colora.engines import InProcessEngine
 from colora.types import ClientTask
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -133,7 +133,7 @@ class RankedAdapters:
         self.slots: dict[int, AdapterSlots] = {self.default_rank: default}
         self.initial: dict[int, AdapterState] = {self.default_rank: default.get()}
         self._active = "default"
-        self._w0: dict[str, torch.Tensor] = {}  # merged layer prefix -> its original base weight
+        self._w0: dict[str, torch.nn.Parameter] = {}  # merged layer prefix -> its original base weight
         self._merged: AdapterState | None = None
 
     def ensure(self, rank: int) -> AdapterSlots:
@@ -146,6 +146,13 @@ class RankedAdapters:
             self.slots[rank] = AdapterSlots(self.model, f"rank{rank}")
             self.initial[rank] = self.slots[rank].get()
         return self.slots[rank]
+
+    def live(self, keys: list[str], rank: int | None = None) -> dict[str, torch.nn.Parameter]:
+        """The live tensors of ``keys``: LoRA factors from the rank-``rank`` adapter (None: the
+        default), anything else (the task head) always from the default adapter."""
+        default = self.slots[self.default_rank].params
+        own = default if rank is None else self.ensure(rank).params
+        return {k: (own if ".lora_" in k else default)[k] for k in keys}
 
     def initial_state(self, rank: int) -> AdapterState:
         """The seeded initial adapter at ``rank`` (A from the seed, B = 0, the fresh head)."""
@@ -161,21 +168,26 @@ class RankedAdapters:
         return slots
 
     def merge_base(self, delta: AdapterState | None) -> None:
-        """Base weights := W0 + (alpha/R) B A for every LoRA pair of ``delta`` (rank R); None: W0."""
+        """Base weights := W0 + (alpha/R) B A for every LoRA pair of ``delta`` (rank R); None: W0.
+
+        The merged weight is a new tensor swapped in for W0 (kept by reference, never written): the
+        frozen base may be a read-only map shared with other processes (colora.engines.shared_base)."""
         if delta is self._merged:
             return
-        with torch.no_grad():
-            for prefix, w0 in self._w0.items():
-                self._base_weight(prefix).copy_(w0)
-            if delta is not None:
-                scale = self.alpha / lora_rank(delta)
+        for prefix, w0 in self._w0.items():
+            self._set_base_weight(prefix, w0)
+        if delta is not None:
+            scale = self.alpha / lora_rank(delta)
+            with torch.no_grad():
                 for prefix, (a_key, b_key) in lora_pairs(delta).items():
-                    weight = self._base_weight(prefix)
-                    if prefix not in self._w0:
-                        self._w0[prefix] = weight.detach().clone()
+                    w0 = self._w0.setdefault(prefix, self._base_weight(prefix))
                     dw = scale * (delta[b_key].double() @ delta[a_key].double())
-                    weight.add_((dw.T if self.model.get_submodule(prefix).fan_in_fan_out else dw).to(weight.device, weight.dtype))
+                    dw = dw.T if self.model.get_submodule(prefix).fan_in_fan_out else dw
+                    self._set_base_weight(prefix, torch.nn.Parameter(w0 + dw.to(w0.device, w0.dtype), requires_grad=False))
         self._merged = delta
+
+    def _set_base_weight(self, prefix: str, weight: torch.nn.Parameter) -> None:
+        self.model.get_submodule(prefix).get_base_layer().weight = weight
 
     def _base_weight(self, prefix: str) -> torch.Tensor:
         return self.model.get_submodule(prefix).get_base_layer().weight

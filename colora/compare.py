@@ -94,9 +94,9 @@ def format_table(rows: list[dict]) -> str:
 def check_sweep(runs: list[tuple[str, Config]], out: Path) -> None:
     """Everything that can be checked before a sweep runs, for every entry, naming the entry at fault:
     its full setup (data files and columns, model, partition, ranks, split cut, topology, memory:
-    the in-process engine's construction, ~1 s an entry) and its run directory (a run of another
+    the engine's construction, ~1 s an entry) and its run directory (a run of another
     config, a folder that holds no run, or one another colora process is writing)."""
-    from .engines import InProcessEngine
+    from .engines import Engine
 
     if out.is_dir() and any(out.iterdir()) and not (out / SWEEP_MARKER).is_file() and not any(
             rundir.is_run_dir(child) for child in out.iterdir() if child.is_dir()):
@@ -112,7 +112,7 @@ def check_sweep(runs: list[tuple[str, Config]], out: Path) -> None:
         if rundir.is_locked(run_dir):
             raise ColoraError(f"{run_dir} is in use by another colora process; wait for it, or use a new --out")
         try:
-            InProcessEngine(cfg)
+            Engine(cfg).close()  # workers and actors start on first use: none started here
         except ColoraError as exc:
             raise ColoraError(f"sweep run {i} ({name}): {exc}") from None
 

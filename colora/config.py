@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -161,6 +162,11 @@ class ModelConfig(_Strict):
     """Frozen base weights quantized at load (QLoRA-style, bitsandbytes, the ``quant`` extra): ``none``
     keeps fp32; ``int8``; ``4bit`` is NF4. Saves base-weight memory, not time (on CPU a step is ~5% slower);
     LoRA weights stay fp32. ``federation.aggregator: stack`` refuses it."""
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    """The base model's own dropout (hidden states, attention, classifier) during training; ``null``
+    keeps the model's (0.1 for BERT-family models). Split learning's two parties each draw their own
+    dropout noise, so with dropout on a one-client split run is ``central`` in distribution, not step
+    for step; with 0 it is exactly."""
 
 
 class DataConfig(_Strict):
@@ -491,11 +497,28 @@ class EngineConfig(_Strict):
     """Where the client work runs. Results are equal on every engine and device at a fixed seed up to
     floating-point order (a GPU's kernels round differently from a CPU's)."""
 
-    kind: Literal["inprocess"] = "inprocess"
-    """``inprocess``: one resident frozen base model, clients simulated one after another (the reference)."""
+    kind: Literal["inprocess", "workers", "ray"] = "inprocess"
+    """``inprocess``: one resident frozen base model, clients simulated one after another (the reference);
+    ``workers``: ``workers`` processes on this machine mapping ONE copy of the base weights, clients in
+    parallel; ``ray``: Ray actors (the ``ray`` extra), on a local or an existing cluster."""
+    workers: int = Field(2, ge=1)
+    """Worker processes (``workers``) or actors (``ray``); each runs with cores // workers threads.
+    ``workers`` refuses more than this machine's cores."""
+    address: str | None = Field(None, max_length=500)
+    """``ray`` only: an existing cluster to join (``auto``, ``ray://host:port`` or ``host:port``); null
+    starts a local Ray instance for the run."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     """``auto`` (CUDA when a GPU is visible, else CPU), ``cpu``, ``cuda`` or ``cuda:N``: where the model,
     batches, evaluation and split messages compute; adapter states travel between parties on the CPU."""
+
+    @model_validator(mode="after")
+    def _fits_the_machine(self) -> "EngineConfig":
+        cores = os.cpu_count() or 1
+        if self.kind == "workers" and self.workers > cores:
+            raise ValueError(f"workers={self.workers} exceeds the {cores} cores of this machine; use engine.workers <= {cores}")
+        if self.address is not None and self.kind != "ray":
+            raise ValueError(f"address={self.address!r} is for kind=ray (kind is {self.kind}); remove it or set engine.kind=ray")
+        return self
 
 
 class Config(_Strict):
@@ -543,6 +566,13 @@ class Config(_Strict):
         if isinstance(data, dict) and isinstance(data.get("engine"), str):  # `engine: inprocess` (before the section)
             data = {**data, "engine": {"kind": data["engine"]}}
         return data
+
+    @model_validator(mode="after")
+    def _shared_base_is_unquantized(self) -> "Config":
+        if self.engine.kind != "inprocess" and self.model.quantize != "none":
+            raise ValueError(f"engine.kind={self.engine.kind} shares one unquantized copy of the base weights between its "
+                             f"processes; model.quantize={self.model.quantize} needs engine.kind=inprocess")
+        return self
 
     @model_validator(mode="after")
     def _name_is_a_folder_name(self) -> "Config":

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import rundir
 from .config import ColoraError, Config, NonFiniteError
-from .engines import InProcessEngine
+from .engines import Engine
 
 
 def _partition_text(cfg: Config, info: dict, show: int = 10) -> str:
@@ -76,7 +76,11 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
 
 def _run(cfg: Config, run_dir: Path, resume: bool, stop_after: int | None, changed: dict) -> None:
     """Setup, the round loop, checkpoints and export (the caller holds the run directory's lock)."""
-    engine = InProcessEngine(cfg)
+    with Engine(cfg) as engine:
+        _rounds(cfg, engine, run_dir, resume, stop_after, changed)
+
+
+def _rounds(cfg: Config, engine: Engine, run_dir: Path, resume: bool, stop_after: int | None, changed: dict) -> None:
     algo, counters = engine.algorithm, {"bytes_up": 0, "bytes_down": 0, "sim_time_s": 0.0, "wall_time_s": 0.0}
     losses: list[float] = []  # train losses since the last eval row
     log = rundir.MetricsLog(run_dir, cfg.log.tensorboard)
@@ -122,7 +126,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, stop_after: int | None, chang
     rundir.write_json(run_dir, "summary.json", rundir.summarize(cfg, rows, engine.main_metric, counters, extra=algo.summary()))
 
 
-def _begin(cfg: Config, run_dir: Path, engine: InProcessEngine, counters: dict, log: rundir.MetricsLog) -> dict:
+def _begin(cfg: Config, run_dir: Path, engine: Engine, counters: dict, log: rundir.MetricsLog) -> dict:
     """A new run's files before round 1 (config, partition, system) and its round-0 evaluation."""
     rundir.write_config(run_dir, cfg)
     info = engine.partition_report()

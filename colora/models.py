@@ -117,6 +117,16 @@ def _load_failure(name: str, source: str, exc: Exception) -> str:
     return f"model.name={name!r}: cannot load '{source}'{hint}: {first}"
 
 
+# The config attributes that hold a family's dropout probabilities (BERT, GPT-2, LLaMA and relatives).
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "resid_pdrop", "embd_pdrop",
+                 "attn_pdrop", "summary_first_dropout", "attention_dropout", "hidden_dropout", "dropout")
+
+
+def _dropout_overrides(config, dropout: float | None) -> dict:
+    """``model.dropout`` as overrides of every dropout attribute ``config`` has."""
+    return {} if dropout is None else {k: dropout for k in _DROPOUT_KEYS if hasattr(config, k)}
+
+
 def load_base_model(cfg: ModelConfig, num_labels: int, tokenizer, seed: int = 0) -> torch.nn.Module:
     """The frozen base model for ``cfg.task`` (sequence classification or causal LM).
 
@@ -131,7 +141,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, tokenizer, seed: int = 0)
         extra = {"num_labels": num_labels, "problem_type": "regression" if num_labels == 1 else None}
     if cfg.name in TINY_ALIASES:
         config = _tiny_config(cfg.name, len(tokenizer), tokenizer.pad_token_id)
-        for key, value in extra.items():
+        for key, value in {**extra, **_dropout_overrides(config, cfg.dropout)}.items():
             setattr(config, key, value)
         torch.manual_seed(_TINY_BASE_SEED)
         auto = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
@@ -144,6 +154,8 @@ def load_base_model(cfg: ModelConfig, num_labels: int, tokenizer, seed: int = 0)
         auto = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
         torch.manual_seed(seed)
         try:
+            if cfg.dropout is not None:
+                extra.update(_dropout_overrides(transformers.AutoConfig.from_pretrained(source), cfg.dropout))
             model = auto.from_pretrained(source, **{k: v for k, v in extra.items() if v is not None})
         except Exception as exc:  # noqa: BLE001 - truncated weights, bad config.json, unknown architecture: one answer
             raise ModelError(_load_failure(cfg.name, source, exc)) from None
@@ -151,6 +163,32 @@ def load_base_model(cfg: ModelConfig, num_labels: int, tokenizer, seed: int = 0)
         model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
     return quantize_base(model, cfg.quantize, keep=head_module_names(model))
+
+
+def base_model_skeleton(cfg: ModelConfig, num_labels: int, tokenizer) -> torch.nn.Module:
+    """:func:`load_base_model`'s module tree with every tensor on the ``meta`` device (no memory):
+    a worker builds this and maps the shared base weights into it (colora.engines.shared_base)."""
+    if cfg.quantize != "none":
+        raise ModelError(f"model.quantize={cfg.quantize}: the shared base of engine.kind=workers/ray holds unquantized "
+                         "weights; use engine.kind=inprocess for a quantized base")
+    seq_cls = cfg.task == "seq-cls"
+    auto = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
+    extra = {"num_labels": num_labels, "problem_type": "regression" if num_labels == 1 else None} if seq_cls else {}
+    if cfg.name in TINY_ALIASES:
+        config = _tiny_config(cfg.name, len(tokenizer), tokenizer.pad_token_id)
+    else:
+        source = resolve_name(cfg.name)
+        try:
+            config = transformers.AutoConfig.from_pretrained(source)
+        except Exception as exc:  # noqa: BLE001 - same answer as load_base_model
+            raise ModelError(_load_failure(cfg.name, source, exc)) from None
+    for key, value in {**extra, **_dropout_overrides(config, cfg.dropout)}.items():
+        setattr(config, key, value)
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.requires_grad_(False)
 
 
 def resolve_device(spec: str) -> torch.device:

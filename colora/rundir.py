@@ -135,7 +135,9 @@ def check_pins(cfg: Config, run_dir: Path) -> None:
 # Settings ``colora run --resume DIR --set KEY=VALUE`` may change mid-run: they change how the
 # remaining rounds run, not what the finished ones mean (data, model, partition and clients stay).
 RESUMABLE_KEYS = ("rounds", "train.lr", "train.lr_schedule", "train.warmup_rounds", "train.max_grad_norm",
-                  "federation.server_lr", "eval.every", "eval.generate", "log.progress", "log.tensorboard")
+                  "federation.server_lr", "eval.every", "eval.generate", "log.progress", "log.tensorboard",
+                  # where client work runs never changes what it computes (tests/test_engines.py)
+                  "engine.kind", "engine.workers", "engine.address", "engine.device")
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict]:

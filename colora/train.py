@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .adapters import AdapterSlots, RankedAdapters
 from .config import NonFiniteError, TrainConfig
 from .data import Task, TextDataset
+from .messages import load_moments, moments_of
 from .types import ClientResult, ClientTask
 
 _PAD_MULTIPLE = 8  # pad batches to a multiple of 8 tokens: fewer distinct shapes to FLOP-count
@@ -128,44 +129,29 @@ def _torch_seed(seed: int, client: int, step: int) -> int:
     return (seed * 1_000_003 + client * 7_919 + step) % (2**63)
 
 
-def _fits(opt_state: dict, params: list[torch.Tensor]) -> bool:
-    """Whether a saved optimizer state belongs to ``params`` (a client saved at another rank's does not)."""
-    return all(t.shape == params[i].shape for i, st in opt_state["state"].items()
-               for t in st.values() if torch.is_tensor(t) and t.ndim > 0)
-
-
 class LocalTrainer:
     """Runs :class:`ClientTask` s on one resident model: the local loop of every algorithm.
 
     With ``adapters``, a task runs on the adapter of its ``rank`` (and on base + ``base_delta``);
-    without, every task runs on ``slots``.
+    without, every task runs on ``slots``. It keeps nothing between tasks: a client's optimizer
+    moments come in its task and go back in its result (``keep_optimizer``), so any process holding
+    the same model and data runs a task to the same result.
     """
 
     def __init__(self, model, slots: AdapterSlots, data: Encoded, parts: list[np.ndarray], cfg: TrainConfig, seed: int,
                  adapters: RankedAdapters | None = None):
         self.model, self.slots, self.data, self.parts = model, slots, data, parts
         self.cfg, self.seed, self.adapters = cfg, seed, adapters
-        self.persistent: dict[int, torch.optim.Optimizer] = {}  # central keeps its moments
-        self.pending_optimizer_states: dict[int, dict] = {}  # restored on first use after a resume
         self._flops_by_shape: dict[tuple, float] = {}
 
     def _optimizer(self, task: ClientTask, slots: AdapterSlots) -> torch.optim.Optimizer:
         params = list(slots.params.values())
-        opt = self.persistent.get(task.client_id) if task.keep_optimizer else None
-        if opt is not None and opt.param_groups[0]["params"][0] is not params[0]:
-            opt = None  # the client's rank changed (HetLoRA pruning): its moments no longer fit
-        if opt is None:
-            if self.cfg.optimizer == "adamw":
-                opt = torch.optim.AdamW(params, lr=task.lr, weight_decay=self.cfg.weight_decay)
-            else:
-                opt = torch.optim.SGD(params, lr=task.lr, weight_decay=self.cfg.weight_decay)
-            if task.keep_optimizer:
-                self.persistent[task.client_id] = opt
-                saved = self.pending_optimizer_states.pop(task.client_id, None)
-                if saved is not None and _fits(saved, params):
-                    opt.load_state_dict(saved)
-        for group in opt.param_groups:
-            group["lr"] = task.lr
+        if self.cfg.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=task.lr, weight_decay=self.cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=task.lr, weight_decay=self.cfg.weight_decay)
+        if task.keep_optimizer and task.moments:
+            load_moments(opt, list(slots.params), task.moments)  # other shapes (the rank changed): fresh
         return opt
 
     def __call__(self, tasks: list[ClientTask]) -> list[ClientResult]:
@@ -191,7 +177,9 @@ class LocalTrainer:
         state = slots.get()
         if not all(math.isfinite(v) for v in losses) or any(not torch.isfinite(t).all() for t in state.values()):
             raise NonFiniteError(f"client {task.client_id}'s local training produced NaN or inf", "train.lr")
-        return ClientResult(task.client_id, state, len(self.parts[task.client_id]), float(np.mean(losses)), flops, task.steps)
+        moments = moments_of(opt, list(slots.params)) if task.keep_optimizer else None
+        return ClientResult(task.client_id, state, len(self.parts[task.client_id]), float(np.mean(losses)), flops, task.steps,
+                            moments)
 
     def _step(self, batch, opt, anchor, slots: AdapterSlots) -> tuple[float, float]:
         shape = (slots.adapter, *batch["input_ids"].shape)  # LoRA FLOPs depend on the rank

@@ -29,6 +29,9 @@ class ClientTask:
     # FLoRA (aggregator stack): an adapter state whose ΔW the engine merges into the frozen base
     # weights for this task; the client trains ``state`` on top of base + ΔW.
     base_delta: AdapterState | None = None
+    # train.client_optimizer=keep (and central): the client's optimizer moments from its last task
+    # (colora.messages.moments_of); None: a fresh optimizer.
+    moments: AdapterState | None = None
 
 
 @dataclass
@@ -39,6 +42,7 @@ class ClientResult:
     loss: float  # mean training loss over the steps taken
     flops: float  # measured training FLOPs of those steps
     steps: int
+    moments: AdapterState | None = None  # the optimizer's moments after the task, when it keeps them
 
 
 class TaskRunner(Protocol):

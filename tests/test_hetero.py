@@ -415,12 +415,11 @@ def test_kept_optimizer_moments_restart_when_a_clients_rank_changes():
     init = {r: engine.adapters.initial_state(r) for r in (8, 4)}
     from colora.types import ClientTask
 
-    engine.trainer([ClientTask(0, init[8], 0, 1, 1e-2, keep_optimizer=True, rank=8)])
-    saved = engine.trainer.persistent[0].state_dict()
-    (res,) = engine.trainer([ClientTask(0, init[4], 1, 1, 1e-2, keep_optimizer=True, rank=4)])
+    run = engine.executor.run_tasks  # through the message boundary, as every engine runs tasks
+    (first,) = run([ClientTask(0, init[8], 0, 1, 1e-2, keep_optimizer=True, rank=8)])
+    assert first.moments  # AdamW's moments came back with the result, shaped for rank 8
+    (res,) = run([ClientTask(0, init[4], 1, 1, 1e-2, keep_optimizer=True, rank=4, moments=first.moments)])
     b_key = next(k for k in res.state if k.endswith("lora_B.weight"))
     assert not torch.equal(res.state[b_key], init[4][b_key])  # the rank-4 adapter trained (B leaves 0)
-    engine.trainer.persistent.clear()
-    engine.trainer.pending_optimizer_states = {0: saved}  # a checkpoint taken at rank 8
-    (again,) = engine.trainer([ClientTask(0, init[4], 1, 1, 1e-2, keep_optimizer=True, rank=4)])
+    (again,) = run([ClientTask(0, init[4], 1, 1, 1e-2, keep_optimizer=True, rank=4)])
     assert all(torch.equal(again.state[k], res.state[k]) for k in res.state)  # fresh moments, as in the run

@@ -14,7 +14,8 @@ import pytest
 MODEL_CODE = ("transformers", "peft", "datasets", "colora.adapters", "colora.models", "colora.train")
 
 
-@pytest.mark.parametrize("module", ["colora.aggregation", "colora.algorithms", "colora.codecs", "colora.states"])
+@pytest.mark.parametrize("module", ["colora.aggregation", "colora.algorithms", "colora.codecs", "colora.states",
+                                    "colora.messages", "colora.algorithms.server"])
 def test_importing_leaves_model_code_unloaded(module):
     code = f"import sys, {module}; print(','.join(m for m in {MODEL_CODE!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

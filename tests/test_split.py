@@ -52,7 +52,9 @@ CASES = [("splitlora", 1, False, {}), ("splitlora", 3, True, {}), ("sl", 2, Fals
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
 def test_one_client_sl_and_splitlora_equal_central(tmp_path, model):
-    common = dict(model__name=model, clients__num=1, clients__per_round=1, train__optimizer="sgd", train__lr=0.05, **SMALL)
+    # Client and server parts draw dropout from their own generators, a whole-model pass from one:
+    # the runs are equal step for step with the base model's dropout off (model.dropout=0).
+    common = dict(model__name=model, model__dropout=0.0, clients__num=1, clients__per_round=1, train__optimizer="sgd", train__lr=0.05, **SMALL)
     cen = run_experiment(tiny_config(algorithm="central", **common), out=str(tmp_path / "central"))
     ref = _final_loss(cen)
     assert abs(ref - read_rows(cen)[0]["eval/loss"]) > 1e-4  # training moved the model
@@ -68,7 +70,8 @@ def test_one_client_sl_and_splitlora_equal_central(tmp_path, model):
 
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
 def test_one_client_causal_lm_equals_central(tmp_path, e2e_dir, model):
-    common = dict(model__name=model, clients__num=1, clients__per_round=1, train__optimizer="sgd", train__lr=0.5, **_e2e(e2e_dir))
+    common = dict(model__name=model, model__dropout=0.0, clients__num=1, clients__per_round=1, train__optimizer="sgd",
+                  train__lr=0.5, **_e2e(e2e_dir))
     ref = _final_loss(run_experiment(tiny_config(algorithm="central", **common), out=str(tmp_path / "central")))
     for algo, layer, u in (("splitlora", 2, True), ("sl", 1, False)):
         run = run_experiment(tiny_config(algorithm=algo, split__layer=layer, split__u_shaped=u, **common), out=str(tmp_path / algo))
@@ -78,8 +81,9 @@ def test_one_client_causal_lm_equals_central(tmp_path, e2e_dir, model):
 @pytest.mark.parametrize("optimizer", [{"train__optimizer": "sgd", "train__lr": 0.05},
                                        {"train__optimizer": "adamw", "train__lr": 0.01}])
 def test_per_client_servers_equal_fedavg(tmp_path, optimizer):
-    """SplitFed-V1 with averaging once per round is FedAvg in parameter space (dropout on, sampling)."""
-    common = dict(clients__num=3, clients__per_round=2, train__local_steps=2, **optimizer, **SMALL)
+    """SplitFed-V1 with averaging once per round is FedAvg in parameter space (with sampling). Dropout
+    off: split parties draw from their own generators, a whole-model pass from one."""
+    common = dict(model__dropout=0.0, clients__num=3, clients__per_round=2, train__local_steps=2, **optimizer, **SMALL)
     fed = run_experiment(tiny_config(algorithm="fedavg", **common), out=str(tmp_path / "fedavg"))
     spl = run_experiment(tiny_config(algorithm="splitlora", split__server="per_client", split__aggregate_every=2, split__layer=2, **common),
                          out=str(tmp_path / "splitlora"))
@@ -90,7 +94,7 @@ def test_per_client_servers_equal_fedavg(tmp_path, optimizer):
 
 def _expected_bytes(engine, client: int, step: int, dtype: str, u_shaped: bool) -> tuple[int, int]:
     """Serialized sizes of one step's payloads, rebuilt from the batch shape alone."""
-    data, cfg = engine.split.data, engine.cfg
+    data, cfg = engine.runtime.split.data, engine.cfg
     idx = batch_indices(engine.parts[client], cfg.train.batch_size, step, cfg.seed, client)
     rows, width, hidden = len(idx), -(-max(len(data.input_ids[i]) for i in idx) // 8) * 8, engine.model.config.hidden_size
 
@@ -113,7 +117,7 @@ def test_bytes_per_step_are_the_serialized_payloads(dtype, u_shaped):
                                          split__activation_dtype=dtype, split__u_shaped=u_shaped, **SMALL))
     split, state = engine.split, engine.algorithm.global_state()
     client = {k: state[k] for k in split.client_keys}
-    split.begin([0, 2], [0, 5], fresh_optimizers=True)
+    split.begin([0, 2], fresh_optimizers=True)
     res = split.step([SplitJob(0, client, 0), SplitJob(2, client, 5)], [{k: state[k] for k in split.server_keys}], 0.01)
     for i, (k, step) in enumerate(((0, 0), (2, 5))):
         assert (res.bytes_up[i], res.bytes_down[i]) == _expected_bytes(engine, k, step, dtype, u_shaped)

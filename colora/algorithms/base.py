@@ -50,6 +50,21 @@ class Algorithm(ABC):
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.cfg = ctx.cfg
+        # Each client's optimizer moments between its tasks (train.client_optimizer=keep, central):
+        # they travel in its task and come back in its result; 2x its adapter per client kept.
+        self.moments: dict[int, AdapterState] = {}
+
+    def keep_moments(self, results) -> None:
+        """Store the moments each result brought back (a result without any keeps none)."""
+        for r in results:
+            if r.moments is not None:
+                self.moments[r.client_id] = r.moments
+
+    def adopt_legacy_optimizers(self, optimizers: dict) -> None:
+        """Checkpoints before moments travelled in tasks kept torch optimizer state dicts in the engine."""
+        keys = list(self.ctx.initial_state)
+        for k, sd in optimizers.items():
+            self.moments[int(k)] = {f"{keys[i]}#{name}": v for i, st in sd["state"].items() for name, v in st.items()}
 
     def device(self, k: int) -> DeviceProfile:
         """Client ``k``'s device profile (``system.client`` when the context carries none)."""

@@ -24,16 +24,19 @@ class Central(Algorithm):
 
     def run_round(self, rnd: int) -> RoundResult:
         steps = self.cfg.train.local_steps
-        task = ClientTask(0, self.state, self.steps_done, steps, lr_at(self.cfg.train, rnd, self.cfg.rounds), keep_optimizer=True)
+        task = ClientTask(0, self.state, self.steps_done, steps, lr_at(self.cfg.train, rnd, self.cfg.rounds), keep_optimizer=True,
+                          moments=self.moments.get(0))
         (result,) = self.ctx.run_tasks([task])
         self.state, self.steps_done = result.state, self.steps_done + steps
+        self.keep_moments([result])
         return RoundResult(result.loss, 0, 0, central_round_time(result.flops, self.cfg.system.server))
 
     def global_state(self):
         return self.state
 
     def state_dict(self) -> dict:
-        return {"state": self.state, "steps_done": self.steps_done}
+        return {"state": self.state, "steps_done": self.steps_done, "moments": self.moments}
 
     def load_state_dict(self, state: dict) -> None:
         self.state, self.steps_done = state["state"], state["steps_done"]
+        self.moments = dict(state.get("moments", {}))

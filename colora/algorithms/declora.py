@@ -148,8 +148,10 @@ class DecLoRA(Algorithm):
         keep = cfg.train.client_optimizer == "keep"
         prox = cfg.train.prox_mu > 0
         tasks = [ClientTask(i, self.states[i], self.client_steps[i], steps, lr,
-                            prox_anchor=self.states[i] if prox else None, keep_optimizer=keep) for i in range(n)]
-        results = sorted(self.ctx.run_tasks(tasks), key=lambda r: r.client_id)
+                            prox_anchor=self.states[i] if prox else None, keep_optimizer=keep, moments=self.moments.get(i))
+                 for i in range(n)]
+        results = self.ctx.run_tasks(tasks)  # in task order, whichever engine ran them
+        self.keep_moments(results)
         for r in results:
             self.client_steps[r.client_id] += r.steps
         trained = [r.state for r in results]
@@ -182,9 +184,10 @@ class DecLoRA(Algorithm):
 
     def state_dict(self) -> dict:
         # Rounding noise and time-varying graphs are pure functions of (seed, round, node): no RNG state.
-        return {"states": self.states, "public": self.public, "client_steps": self.client_steps}
+        return {"states": self.states, "public": self.public, "client_steps": self.client_steps, "moments": self.moments}
 
     def load_state_dict(self, state: dict) -> None:
         self.states = list(state["states"])
         self.public = list(state["public"])
         self.client_steps = list(state["client_steps"])
+        self.moments = dict(state.get("moments", {}))

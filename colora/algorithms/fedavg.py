@@ -51,8 +51,10 @@ class FedAvg(Algorithm):
         sent, delta = {k: server.client_state(k, rnd) for k in sampled}, server.base_delta()
         downs = [server.down_nbytes(sent[k]) for k in sampled]
         tasks = [ClientTask(k, sent[k], self.client_steps[k], steps, lr, prox_anchor=sent[k] if cfg.train.prox_mu > 0 else None,
-                            keep_optimizer=keep, rank=server.ranks[k], base_delta=delta) for k in sampled]
+                            keep_optimizer=keep, rank=server.ranks[k], base_delta=delta, moments=self.moments.get(k))
+                 for k in sampled]
         results = self.ctx.run_tasks(tasks)
+        self.keep_moments(results)
         for r in results:
             self.client_steps[r.client_id] += r.steps
         states = [server.receive(r.client_id, r.state) for r in results]
@@ -72,7 +74,8 @@ class FedAvg(Algorithm):
         return self.server.state
 
     def state_dict(self) -> dict:
-        return {"server": self.server.state_dict(), "server_opt": self.server_opt_state, "client_steps": self.client_steps}
+        return {"server": self.server.state_dict(), "server_opt": self.server_opt_state, "client_steps": self.client_steps,
+                "moments": self.moments}
 
     def load_state_dict(self, state: dict) -> None:
         # Checkpoints before the one-rule server kept the equal-rank global under "state".
@@ -80,3 +83,4 @@ class FedAvg(Algorithm):
         self.server.load_state_dict(server)
         self.server_opt_state = state["server_opt"]
         self.client_steps = list(state["client_steps"])
+        self.moments = dict(state.get("moments", {}))

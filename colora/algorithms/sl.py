@@ -41,13 +41,15 @@ class SL(SplitAlgorithm):
         sim, losses = 0.0, []
         for k in order:
             device = self.device(k)
-            split.begin([k], [self.client_steps[k]], fresh_optimizers=cfg.train.client_optimizer == "reset")
+            self.begin([k])
             handoff = payload_nbytes(self.client_state)  # the client-side adapter, relayed to this client
             down, sim = down + handoff, sim + download_time(handoff, device)
             self.stats.totals["adapter_bytes_down"] += handoff
             mine = []
             for _ in range(cfg.train.local_steps):
-                res = split.step([SplitJob(k, self.client_state, self.client_steps[k])], [self.server_state], lr)
+                res = split.step([SplitJob(k, self.client_state, self.client_steps[k], moments=self.moments.get(k))],
+                                 [self.server_state], lr)
+                self.moments[k] = res.client_moments[0]
                 (self.client_state,), (self.server_state,) = res.client_states, res.server_states
                 self.client_steps[k] += 1
                 self.stats.add_step(res)

@@ -100,6 +100,15 @@ class SplitAlgorithm(Algorithm):
         self.client_steps = [0] * self.cfg.clients.num
         self.stats = SplitTotals()
 
+    def begin(self, clients: list[int]) -> None:
+        """These clients start their local work: with train.client_optimizer=reset, fresh moments for
+        them and for the server copy they use."""
+        fresh = self.cfg.train.client_optimizer == "reset"
+        if fresh:
+            for k in clients:
+                self.moments.pop(k, None)
+        self.split.begin(clients, fresh_optimizers=fresh)
+
     def global_state(self) -> AdapterState:
         # The client and server parts are disjoint key sets of one peft adapter: the union is the
         # adapter over the whole model.
@@ -107,12 +116,13 @@ class SplitAlgorithm(Algorithm):
 
     def state_dict(self) -> dict:
         return {"client": self.client_state, "server": self.server_state, "client_steps": self.client_steps,
-                "totals": self.stats.totals}
+                "totals": self.stats.totals, "moments": self.moments}
 
     def load_state_dict(self, state: dict) -> None:
         self.client_state, self.server_state = state["client"], state["server"]
         self.client_steps = list(state["client_steps"])
         self.stats.totals = dict(state["totals"])
+        self.moments = dict(state.get("moments", {}))
 
 
 class SplitLoRA(SplitAlgorithm):
@@ -146,15 +156,17 @@ class SplitLoRA(SplitAlgorithm):
         steps, lr, every = cfg.train.local_steps, lr_at(cfg.train, rnd, cfg.rounds), cfg.split.aggregate_every
         weights = [float(self.ctx.client_sizes[k]) if cfg.federation.weighting == "samples" else 1.0 for k in sampled]
         devices = [self.device(k) for k in sampled]
-        split.begin(sampled, [self.client_steps[k] for k in sampled], fresh_optimizers=cfg.train.client_optimizer == "reset")
+        self.begin(sampled)
         clients = self._send(sampled, rnd)  # the round's global client-side adapter, at each client's rank
         servers = [self.server_state] * (len(sampled) if self.per_client else 1)
         down0 = [payload_nbytes(s) for s in clients]
         up, down, sim = 0, sum(down0), adapter_sync_time([], down0, devices, cfg.system.server, 0)
         losses = np.zeros(len(sampled))
         for j in range(steps):
-            jobs = [SplitJob(k, clients[i], self.client_steps[k], self.server.ranks[k]) for i, k in enumerate(sampled)]
+            jobs = [SplitJob(k, clients[i], self.client_steps[k], self.server.ranks[k], self.moments.get(k))
+                    for i, k in enumerate(sampled)]
             res = split.step(jobs, servers, lr)
+            self.moments.update(zip(sampled, res.client_moments))
             clients, servers = res.client_states, res.server_states
             for k in sampled:
                 self.client_steps[k] += 1

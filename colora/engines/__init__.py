@@ -1,6 +1,8 @@
 """Engines build the model and run an algorithm's client work; ``colora.experiment`` owns the round
 loop and the run directory."""
 
-from .inprocess import InProcessEngine
+from .engine import Engine
 
-__all__ = ["InProcessEngine"]
+InProcessEngine = Engine  # the name before engine.kind chose the executor (tests and scripts use it)
+
+__all__ = ["Engine", "InProcessEngine"]

@@ -25,6 +25,7 @@ class SplitJob:
     state: AdapterState
     step: int
     rank: int | None = None
+    moments: AdapterState | None = None  # the client's optimizer moments (None: a fresh optimizer)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class SplitStepResult:
     """Per job (same order as the jobs): updated adapters, loss, real bytes and measured FLOPs."""
 
     client_states: list[AdapterState]
+    client_moments: list[AdapterState]  # each client's optimizer moments after its step
     server_states: list[AdapterState]  # shared server: one state (after the last job); per_client: one per job
     losses: list[float]
     bytes_up: list[int]  # serialized payloads client -> server (activation, mask, labels / U-shaped gradient)
@@ -49,9 +51,9 @@ class SplitRunner(Protocol):
     server_keys: list[str]  # adapter keys the server holds
     accounting: dict  # static sizes: client_params, client_adapter_params, server_adapter_params, ...
 
-    def begin(self, client_ids: list[int], start_steps: list[int], fresh_optimizers: bool) -> None:
-        """Start these clients' local work: seed their dropout streams at (seed, client, step);
-        with ``fresh_optimizers`` drop their optimizer moments and those of the server copy they use."""
+    def begin(self, client_ids: list[int], fresh_optimizers: bool) -> None:
+        """Start these clients' local work; with ``fresh_optimizers`` drop the moments of the server
+        copy they use (their own moments travel in their jobs and are the algorithm's to drop)."""
 
     def step(self, jobs: list[SplitJob], server_states: list[AdapterState], lr: float) -> SplitStepResult:
         """One optimizer step for each job, in order. ``server_states`` holds one state per job

@@ -1,9 +1,13 @@
-"""The in-process engine: the reference implementation every other engine must match.
+"""The engine: setup, evaluation and export in the driver; the clients' work on an executor.
 
-ONE resident copy of the frozen base model (with LoRA attached once per LoRA rank in use). Clients
-are simulated by copying their adapter state into the live LoRA tensors, training, and copying out:
-memory per simulated client is its index list and step counter, plus an adapter state while it is
-in flight.
+The driver holds ONE resident copy of the frozen base model (with LoRA attached once per LoRA rank in
+use): it evaluates, exports, and runs split learning's server part. Client work goes through
+``engine.kind``'s executor as bytes (colora.messages): ``inprocess`` runs it on the driver's own
+model, one task after another (the reference every other executor must match); ``workers`` in
+parallel processes mapping the driver's base weights (colora.engines.workers); ``ray`` in Ray
+actors (colora.engines.ray). Clients are simulated by copying their adapter state into live LoRA
+tensors, training, and copying out: memory per simulated client is its index list and step
+counter, plus an adapter state (and kept moments) while it is in flight.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from ..adapters import RankedAdapters, attach_lora
 from ..algorithms import Context, get_algorithm
 from ..config import ColoraError, Config
-from ..data import label_histogram, load_task, partition
+from ..data import label_histogram, partition
 from ..models import load_base_model, load_tokenizer, resolve_device
 from ..nlg import generation_metrics
 from ..quantize import resident_nbytes
@@ -25,50 +29,78 @@ from ..ranks import assign_ranks, rank_rule_name
 from ..split.trainer import SplitTrainer
 from ..states import adapter_params_at
 from ..system import ModelShape, client_profiles, memory_report, training_memory
-from ..train import LocalTrainer, encode, evaluate
+from ..train import encode, evaluate
+from .executors import make_executor
+from .runtime import ClientRuntime, load_data
+from .shared_base import SharedBase, frozen_tensors
 
 
-class InProcessEngine:
-    """Builds task, model, partitions and algorithm for ``cfg``, and evaluates adapter states."""
+class Engine:
+    """Builds task, model, partitions, executor and algorithm for ``cfg``; evaluates adapter states.
+
+    ``close()`` (or ``with``) stops the executor's processes."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.device = resolve_device(cfg.engine.device)  # before anything loads: a missing GPU is exit 2
         d = cfg.data
-        self.task = load_task(
-            d.name, d.path, task_kind=cfg.model.task, seed=cfg.seed, text_column=d.text_column,
-            text_pair_column=d.text_pair_column, label_column=d.label_column,
-            synthetic_train=d.synthetic_train, synthetic_eval=d.synthetic_eval, max_train=d.max_train,
-        )
-        if self.task.kind != cfg.model.task:
-            raise ColoraError(f"data.name={d.name!r} is a {self.task.kind} task but model.task={cfg.model.task!r}")
         tokenizer = self.tokenizer = load_tokenizer(cfg.model)
+        self.task, train = load_data(cfg, tokenizer)
         if cfg.eval.generate and (self.task.kind != "causal-lm" or self.task.eval.text_b is None):
             raise ColoraError(f"eval.generate={cfg.eval.generate}: generation needs a data-to-text causal-lm task (data.name={d.name!r} is not)")
         base = load_base_model(cfg.model, self.task.num_labels, tokenizer, seed=cfg.seed)
         check_max_length(base.config, d.max_length)
-        self.model = attach_lora(base, cfg.model, seed=cfg.seed).to(self.device)
-        self.adapters = RankedAdapters(self.model, cfg.seed)  # one peft adapter per LoRA rank in use
-        self.slots = self.adapters.slots[self.adapters.default_rank]
-        train = encode(self.task.train, self.task, tokenizer, d.max_length)
-        self.eval_data = encode(self.task.eval, self.task, tokenizer, d.max_length)
-        if d.max_eval is not None:
-            self.eval_data = self.eval_data.take(d.max_eval)
-        self.parts = self._partition(len(train))
-        algo_cls = get_algorithm(cfg.algorithm)
-        train_parts = [np.arange(len(train))] if algo_cls.pooled_data else self.parts
-        self.devices = client_profiles(cfg)
-        self.split = SplitTrainer(self.model, self.adapters, train, train_parts, cfg) if algo_cls.runner == "split" else None
-        self.ranks = [cfg.model.lora.r] if algo_cls.pooled_data else self._assign_ranks()
-        check_ranks(self.model, max([cfg.model.lora.r, *self.ranks]))
-        for r in sorted(set(self.ranks)):
-            self.adapters.ensure(r)
-        self.trainer = LocalTrainer(self.model, self.slots, train, train_parts, cfg.train, cfg.seed, self.adapters)
-        self.memory = self._memory_check(algo_cls.pooled_data)
-        ctx = Context(cfg, self.trainer, self.slots.get(), [len(p) for p in train_parts], self.slots.num_params(), self.evaluate,
-                      client_ranks=self.ranks, initial_state_at=self.adapters.initial_state,
-                      split=self.split, devices=self.devices)
-        self.algorithm = algo_cls(ctx)
+        # workers and ray: the frozen base written once and mapped by every process (shared_base)
+        self.shared = SharedBase(base) if cfg.engine.kind == "workers" else None
+        self.base_tensors = frozen_tensors(base) if cfg.engine.kind == "ray" else None
+        try:
+            self.model = attach_lora(base, cfg.model, seed=cfg.seed).to(self.device)
+            self.adapters = RankedAdapters(self.model, cfg.seed)  # one peft adapter per LoRA rank in use
+            self.slots = self.adapters.slots[self.adapters.default_rank]
+            self.eval_data = encode(self.task.eval, self.task, tokenizer, d.max_length)
+            if d.max_eval is not None:
+                self.eval_data = self.eval_data.take(d.max_eval)
+            self.parts = self._partition(len(train))
+            algo_cls = get_algorithm(cfg.algorithm)
+            self.train_parts = [np.arange(len(train))] if algo_cls.pooled_data else self.parts
+            self.devices = client_profiles(cfg)
+            self.split = None  # the split runner, once the cut exists (below)
+            self.ranks = [cfg.model.lora.r] if algo_cls.pooled_data else self._assign_ranks_early(algo_cls)
+            check_ranks(self.model, max([cfg.model.lora.r, *self.ranks]))
+            split = algo_cls.runner == "split"
+            self.runtime = ClientRuntime(cfg, self.model, self.adapters, train, self.train_parts, self.ranks, split)
+            self.executor = make_executor(cfg, self, split)
+            self.split = SplitTrainer(self.model, self.adapters, cfg, self.executor) if split else None
+            if split and not algo_cls.pooled_data:
+                self.ranks = self._assign_ranks()  # a split client's memory need is its part's
+            self.memory = self._memory_check(algo_cls.pooled_data)
+            ctx = Context(cfg, self.executor.run_tasks, self.slots.get(), [len(p) for p in self.train_parts],
+                          self.slots.num_params(), self.evaluate, client_ranks=self.ranks,
+                          initial_state_at=self.adapters.initial_state, split=self.split, devices=self.devices)
+            self.algorithm = algo_cls(ctx)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the executor's worker processes or actors (nothing to do in-process)."""
+        if getattr(self, "executor", None) is not None:
+            self.executor.close()
+        if getattr(self, "shared", None) is not None:
+            self.shared.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _assign_ranks_early(self, algo_cls) -> list[int]:
+        # Split clients' ranks depend on their part's size, known once the cut exists (below); the
+        # runtime only needs every rank in use attached, and a split client's ranks are <= model.lora.r.
+        if algo_cls.runner == "split":
+            return [self.cfg.model.lora.r] * len(self.parts)
+        return self._assign_ranks()
 
     def _partition(self, n: int) -> list[np.ndarray]:
         c = self.cfg.clients
@@ -160,13 +192,13 @@ class InProcessEngine:
         self.adapters.export(state, out_dir)
 
     def state_dict(self) -> dict:
-        state = {"optimizers": {k: o.state_dict() for k, o in self.trainer.persistent.items()}}
-        if self.split is not None:
-            state["split"] = self.split.state_dict()
-        return state
+        """The driver's own state: split learning's server-side optimizers (clients' moments travel
+        with the algorithm)."""
+        return {"split": self.split.state_dict()} if self.split is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.trainer.pending_optimizer_states = dict(state["optimizers"])
+        if state.get("optimizers"):  # checkpoints before moments travelled in tasks
+            self.algorithm.adopt_legacy_optimizers(state["optimizers"])
         if self.split is not None:
             self.split.load_state_dict(state["split"])
 

@@ -1,0 +1,70 @@
+"""Executors run the clients' work; the experiment never knows which one it has.
+
+Every executor takes client tasks and split conversations as bytes (colora.messages) and returns
+results in task order, so aggregation never depends on which worker finished first.
+``inprocess`` is the reference: the same bytes, run one after another on the driver's model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from ..config import Config
+from ..messages import decode_result, encode_task
+from ..types import ClientResult, ClientTask
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .runtime import ClientRuntime
+
+
+class Executor(Protocol):
+    def run_tasks(self, tasks: list[ClientTask]) -> list[ClientResult]:
+        """Run independent client tasks; results in task order."""
+
+    def converse(self, jobs: list[bytes], serve: Callable[[int, bytes], tuple[bool, bytes]]) -> list[bytes]:
+        """Run split clients' conversations with the server part (colora.split.trainer.SplitClients)."""
+
+    def close(self) -> None:
+        """Stop whatever processes the executor started."""
+
+
+class LocalExecutor:
+    """``engine.kind: inprocess``: every message handled in this process, in order."""
+
+    def __init__(self, runtime: "ClientRuntime"):
+        self.runtime = runtime
+
+    def run_tasks(self, tasks: list[ClientTask]) -> list[ClientResult]:
+        return [decode_result(self.runtime.run_task(encode_task(t))) for t in tasks]
+
+    def converse(self, jobs: list[bytes], serve: Callable[[int, bytes], tuple[bool, bytes]]) -> list[bytes]:
+        out = []
+        client = self.runtime.split
+        for i, job in enumerate(jobs):
+            message, done = client.start(job), False
+            try:
+                while not done:
+                    done, message = client.reply(serve(i, message)[1])
+            except BaseException:
+                client.abort()
+                raise
+            out.append(message)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(cfg: Config, engine: "Engine", split: bool) -> Executor:
+    """The executor of ``cfg.engine.kind`` for ``engine`` (workers and actors start on first use)."""
+    if cfg.engine.kind == "workers":
+        from .workers import WorkerPool
+
+        return WorkerPool(cfg, engine, split)
+    if cfg.engine.kind == "ray":
+        from .ray_engine import RayPool
+
+        return RayPool(cfg, engine, split)
+    return LocalExecutor(engine.runtime)
