@@ -13,9 +13,11 @@ DIR is a GLUE MRPC folder (train.tsv, dev.tsv), e.g. ../shared/data/glue/MRPC.
   another, each in a fresh process tree. colora evaluates the dev set twice (round 0 and the end),
   Flower once (the end). Wall time; peak RSS and peak PSS summed over every process of the run's
   tree (Ray's GCS, raylet and workers included), sampled every 0.2 s from /proc; dev accuracy.
-- scale: one round of fedavg with 10 clients sampled a round, among 10 and among 1,000 clients
-  (MRPC split IID: ~3.7 samples each at 1,000), under ``workers`` with 1 and 2 workers and under
-  ``inprocess``: peak PSS summed, and MB per additional simulated client.
+- scale: one round of fedavg (10 local steps) with 10 clients sampled a round, among 10 and among
+  1,000 clients (MRPC split IID: ~3.7 samples each at 1,000), under ``inprocess`` and ``workers``
+  with 1 and 2 workers: peak PSS summed, MB per additional simulated client, and the PSS of the
+  shared base file's mappings summed over every process (resident once: ~91 MB whatever the
+  number of workers).
 """
 
 from __future__ import annotations
@@ -71,9 +73,25 @@ def _rss_pss_mb(pids: list[int]) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
-def measure(args: list[str], env: dict | None = None) -> dict:
+def _base_pss_mb(pids: list[int]) -> float:
+    """PSS of the shared base file's mappings (colora.engines.shared_base), summed over ``pids``."""
+    total, inside = 0, False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps") as f:
+                for line in f:
+                    if not line[0].isupper():  # a mapping's header line: address range, perms, ..., path
+                        inside = "colora-base-" in line
+                    elif inside and line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def measure(args: list[str], env: dict | None = None, base: bool = False) -> dict:
     """Run ``args``; its wall time and the peaks of summed RSS and PSS over its process tree."""
-    peak = {"rss_mb": 0.0, "pss_mb": 0.0, "procs": 0}
+    peak = {"rss_mb": 0.0, "pss_mb": 0.0, "procs": 0, "base_pss_mb": 0.0}
     began = time.perf_counter()
     proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -85,6 +103,8 @@ def measure(args: list[str], env: dict | None = None) -> dict:
             rss, pss = _rss_pss_mb(pids)
             peak["rss_mb"], peak["pss_mb"] = max(peak["rss_mb"], rss), max(peak["pss_mb"], pss)
             peak["procs"] = max(peak["procs"], len(pids))
+            if base:
+                peak["base_pss_mb"] = max(peak["base_pss_mb"], _base_pss_mb(pids))
             stop.wait(0.2)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -96,11 +116,11 @@ def measure(args: list[str], env: dict | None = None) -> dict:
     return {**peak, "wall_s": time.perf_counter() - began}
 
 
-def colora_run(out: Path, data: str, overrides: dict) -> dict:
+def colora_run(out: Path, data: str, overrides: dict, base: bool = False) -> dict:
     args = [sys.executable, "-m", "colora", "run", str(CONFIG), "--out", str(out), "--set", f"data.path={data}"]
     for key, value in overrides.items():
         args += ["--set", f"{key}={value}"]
-    stats = measure(args)
+    stats = measure(args, base=base)
     summary = json.loads((out / "summary.json").read_text())
     return {**stats, "accuracy": summary["final"].get("eval/accuracy")}
 
@@ -122,14 +142,14 @@ def anchor(data: str, flower_python: str | None, tmp: Path) -> list[dict]:
 
 def scale(data: str, tmp: Path) -> list[dict]:
     rows = []
-    base = {**ANCHOR, "rounds": 1, "clients.per_round": 10, "train.local_steps": 2, "eval.every": 1}
+    base = {**ANCHOR, "rounds": 1, "clients.per_round": 10, "train.local_steps": 10, "eval.every": 1}
     for kind, workers in (("inprocess", 1), ("workers", 1), ("workers", 2)):
         for clients in (10, 1000):
             over = {**base, "clients.num": clients, "engine.kind": kind, "engine.workers": workers}
-            stats = colora_run(tmp / f"scale-{kind}-{workers}-{clients}", data, over)
+            stats = colora_run(tmp / f"scale-{kind}-{workers}-{clients}", data, over, base=kind == "workers")
             rows.append({"run": f"{kind} x{workers}", "clients": clients, **stats})
-            print(f"  {rows[-1]['run']:<14} {clients:>5} clients  peak PSS {stats['pss_mb']:8.1f} MB  RSS {stats['rss_mb']:8.1f} MB",
-                  flush=True)
+            print(f"  {rows[-1]['run']:<14} {clients:>5} clients  peak PSS {stats['pss_mb']:8.1f} MB  RSS {stats['rss_mb']:8.1f} MB"
+                  f"  base file PSS {stats['base_pss_mb']:6.1f} MB", flush=True)
     return rows
 
 
@@ -163,11 +183,12 @@ def main() -> None:
                           f"{r['pss_mb'] / flw['pss_mb']:.2f}x its summed PSS")
         if args.section in ("scale", "all"):
             rows = scale(data, Path(tmp))
-            print("| engine | PSS at 10 clients MB | PSS at 1,000 clients MB | MB per additional client |")
-            print("|---|---:|---:|---:|")
+            print("| engine | PSS at 10 clients MB | PSS at 1,000 clients MB | MB per additional client | base weights' PSS MB |")
+            print("|---|---:|---:|---:|---:|")
             for small, big in zip(rows[0::2], rows[1::2]):
                 per = (big["pss_mb"] - small["pss_mb"]) / 990
-                print(f"| {small['run']} | {small['pss_mb']:.0f} | {big['pss_mb']:.0f} | {per:.3f} |")
+                shared = f"{big['base_pss_mb']:.1f}" if big["base_pss_mb"] else "- (in process)"
+                print(f"| {small['run']} | {small['pss_mb']:.0f} | {big['pss_mb']:.0f} | {per:.3f} | {shared} |")
 
 
 if __name__ == "__main__":

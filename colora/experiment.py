@@ -77,6 +77,7 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
 def _run(cfg: Config, run_dir: Path, resume: bool, stop_after: int | None, changed: dict) -> None:
     """Setup, the round loop, checkpoints and export (the caller holds the run directory's lock)."""
     with Engine(cfg) as engine:
+        engine.start()
         _rounds(cfg, engine, run_dir, resume, stop_after, changed)
 
 

@@ -144,7 +144,7 @@ class Dispatcher:
                 if answer is None:
                     busy.pop(w)
                     inbox.pop(i, None)
-                    self._died(w, f"client {i}'s split step (job {i} of the step)")
+                    self._died(w, f"job {i} of a split step")
                     todo.appendleft(i)
                 elif answer[:1] == ERROR:
                     busy.pop(w)

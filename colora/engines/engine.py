@@ -82,6 +82,11 @@ class Engine:
             self.close()
             raise
 
+    def start(self) -> None:
+        """Start the executor's workers in the background (the experiment calls this before its
+        round-0 evaluation; without it they start on first use)."""
+        self.executor.start()
+
     def close(self) -> None:
         """Stop the executor's worker processes or actors (nothing to do in-process)."""
         if getattr(self, "executor", None) is not None:

@@ -26,6 +26,9 @@ class Executor(Protocol):
     def converse(self, jobs: list[bytes], serve: Callable[[int, bytes], tuple[bool, bytes]]) -> list[bytes]:
         """Run split clients' conversations with the server part (colora.split.trainer.SplitClients)."""
 
+    def start(self) -> None:
+        """Start any workers now, in the background (else they start on first use)."""
+
     def close(self) -> None:
         """Stop whatever processes the executor started."""
 
@@ -52,6 +55,9 @@ class LocalExecutor:
                 raise
             out.append(message)
         return out
+
+    def start(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

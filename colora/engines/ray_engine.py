@@ -174,6 +174,9 @@ class RayPool:
             self._dispatch = Dispatcher(_Actors(self.ray, self.cfg.engine.workers, init, base_ref), "ray")
         return self._dispatch
 
+    def start(self) -> None:
+        """Ray actors start on first use (creating them waits for their runtimes)."""
+
     def run_tasks(self, tasks):
         return self.dispatcher.run_tasks(tasks)
 

@@ -9,6 +9,7 @@ runs a task never changes its result.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +71,6 @@ class ClientRuntime:
 
 def set_threads(workers: int) -> int:
     """Intra-op threads for one of ``workers`` processes sharing this machine's cores."""
-    import os
-
     n = max(1, (os.cpu_count() or 1) // max(1, workers))
     torch.set_num_threads(n)
     return n
