@@ -263,6 +263,10 @@ class FederationConfig(_Strict):
     rank r (equal ranks); ``zero_pad`` (HetLoRA): pad factors to the largest rank and average; ``svd``
     (FlexLoRA): SVD of the mean update, each client's top components; ``stack`` (FLoRA, fedavg only): exact
     stacked update merged into the base, fresh adapters each round; ``hlora``: svd with ranks by data size."""
+    max_update_norm: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None
+    """Drop a client update whose L2 distance from what the client was sent (over A, B and the head)
+    exceeds this, for that round (fedavg, declora; ``rejected_updates`` in metrics.jsonl); ``auto``:
+    10x the round's median; null: no bound. Wrong keys, shapes, dtypes or NaN/inf are always dropped."""
     server_optimizer: Literal["none", "fedavgm", "fedadam", "fedyogi"] = "none"
     """Server step on the pseudo-gradient (global minus aggregate): ``none`` takes the aggregate;
     ``fedavgm``: heavy-ball momentum; ``fedadam``, ``fedyogi``: adaptive (Reddi et al. 2021).

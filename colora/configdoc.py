@@ -42,6 +42,8 @@ def type_name(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is type(None):
         return "null"
+    if origin is typing.Annotated:  # a constrained member of a union, e.g. a positive float
+        return type_name(args[0])
     if origin is Literal:
         return " | ".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):

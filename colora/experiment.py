@@ -124,7 +124,8 @@ def _rounds(cfg: Config, engine: Engine, run_dir: Path, resume: bool, stop_after
         bar.close()
         log.close()
     engine.export(algo.global_state(), run_dir / "adapter")
-    rundir.write_json(run_dir, "summary.json", rundir.summarize(cfg, rows, engine.main_metric, counters, extra=algo.summary()))
+    rundir.write_json(run_dir, "summary.json", rundir.summarize(cfg, rows, engine.main_metric, counters,
+                                                                  extra={**algo.summary(), "engine": engine.summary()}))
 
 
 def _begin(cfg: Config, run_dir: Path, engine: Engine, counters: dict, log: rundir.MetricsLog) -> dict:

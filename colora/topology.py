@@ -298,8 +298,10 @@ def mix(states: list[dict], W: np.ndarray) -> list[dict]:
     Sums only over W's nonzero entries in increasing j (O(edges x adapter) work); with W = 11^T/n
     every output is exactly FedIT's uniform mean of the inputs (same weights, same order).
     """
-    out = []
-    for i in range(W.shape[0]):
-        js = [j for j in range(W.shape[1]) if W[i, j] != 0.0]
-        out.append({k: sum(float(W[i, j]) * states[j][k] for j in js) for k in states[i]})
-    return out
+    return [mix_row(states, W, i) for i in range(W.shape[0])]
+
+
+def mix_row(states: list[dict], W: np.ndarray, i: int) -> dict:
+    """Node i's mix, sum_j W_ij theta_j, over W's nonzero entries of row i in increasing j."""
+    js = [j for j in range(W.shape[1]) if W[i, j] != 0.0]
+    return {k: sum(float(W[i, j]) * states[j][k] for j in js) for k in states[i]}

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import AdapterSlots, RankedAdapters
-from .config import NonFiniteError, TrainConfig
+from .config import TrainConfig
 from .data import Task, TextDataset
 from .messages import load_moments, moments_of
 from .types import ClientResult, ClientTask
@@ -175,11 +175,13 @@ class LocalTrainer:
             losses.append(loss)
             flops += f
         state = slots.get()
+        n = len(self.parts[task.client_id])
         if not all(math.isfinite(v) for v in losses) or any(not torch.isfinite(t).all() for t in state.values()):
-            raise NonFiniteError(f"client {task.client_id}'s local training produced NaN or inf", "train.lr")
+            # a client whose training diverged sends nothing (colora.validation); central stops the run
+            return ClientResult(task.client_id, {}, n, float("nan"), flops, task.steps, None,
+                                failed="its local training produced NaN or inf")
         moments = moments_of(opt, list(slots.params)) if task.keep_optimizer else None
-        return ClientResult(task.client_id, state, len(self.parts[task.client_id]), float(np.mean(losses)), flops, task.steps,
-                            moments)
+        return ClientResult(task.client_id, state, n, float(np.mean(losses)), flops, task.steps, moments)
 
     def _step(self, batch, opt, anchor, slots: AdapterSlots) -> tuple[float, float]:
         shape = (slots.adapter, *batch["input_ids"].shape)  # LoRA FLOPs depend on the rank

@@ -43,6 +43,7 @@ class ClientResult:
     flops: float  # measured training FLOPs of those steps
     steps: int
     moments: AdapterState | None = None  # the optimizer's moments after the task, when it keeps them
+    failed: str | None = None  # why the client sends no update (its local loss went NaN or inf); state is then {}
 
 
 class TaskRunner(Protocol):

@@ -6,6 +6,7 @@ tests allow 1e-6 in eval loss. A killed worker is restarted and its work rerun w
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -77,7 +78,10 @@ def _assert_equal(ref: list[float], got: list[float]) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_workers_equal_inprocess(tmp_path, reference, case):
-    _assert_equal(reference(case), _losses(run_experiment(_cfg(case, kind="workers", workers=2), out=str(tmp_path / "w"))))
+    run = run_experiment(_cfg(case, kind="workers", workers=2), out=str(tmp_path / "w"))
+    _assert_equal(reference(case), _losses(run))
+    engine = json.loads((run / "summary.json").read_text())["engine"]
+    assert engine == {"kind": "workers", "workers": 2, "device": "cpu", "worker_restarts": 0}
 
 
 def test_messages_round_trip_every_field():
@@ -117,7 +121,7 @@ def test_a_killed_worker_is_restarted_and_changes_nothing(tmp_path, capsys):
             eng.algorithm.run_round(rnd)
             if rnd == 1:
                 _kill(eng, 0)
-        assert eng.executor.dispatcher.restarts == 1
+        assert eng.executor.dispatcher.restarts == 1 and eng.summary()["worker_restarts"] == 1
         assert all(torch.equal(ref.algorithm.global_state()[k], v) for k, v in eng.algorithm.global_state().items())
 
     case = "splitlora-per_client-u_shaped-mixed"

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
-from ..config import Config, DeviceProfile
-from ..types import AdapterState, RoundResult, TaskRunner
+from ..config import ColoraError, Config, DeviceProfile, NonFiniteError
+from ..types import AdapterState, ClientResult, RoundResult, TaskRunner
+from ..validation import screen
 
 if TYPE_CHECKING:
     from ..split.types import SplitRunner
@@ -97,3 +99,19 @@ def sample_clients(seed: int, rnd: int, num: int, per_round: int) -> list[int]:
         return list(range(num))
     rng = np.random.default_rng([seed, 0x5A3, rnd])
     return sorted(int(k) for k in rng.choice(num, size=per_round, replace=False))
+
+
+def screen_round(rnd: int, results: list[ClientResult], sent: dict[int, AdapterState], max_norm
+                 ) -> tuple[list[ClientResult], list[tuple[int, str]]]:
+    """The round's acceptable updates (colora.validation.screen), each rejection logged with its
+    client and reason. Every update rejected stops the run: NaN everywhere points at train.lr."""
+    accepted, rejected = screen(results, sent, max_norm)
+    for k, reason in rejected:
+        tqdm.write(f"colora: round {rnd}: client {k}'s update dropped: {reason}")
+    if not accepted:
+        k, reason = rejected[0]
+        if all(r.failed for r in results):
+            raise NonFiniteError(f"every client's local training produced NaN or inf in round {rnd}", "train.lr")
+        raise ColoraError(f"round {rnd}: every client's update was rejected (e.g. client {k}: {reason}); "
+                          "check federation.max_update_norm and the clients' data")
+    return accepted, rejected

@@ -7,6 +7,7 @@ No communication: bytes stay 0, simulated time is compute at the server's speed.
 
 from __future__ import annotations
 
+from ..config import NonFiniteError
 from ..costmodel import central_round_time
 from ..schedule import lr_at
 from ..types import ClientTask, RoundResult
@@ -27,6 +28,8 @@ class Central(Algorithm):
         task = ClientTask(0, self.state, self.steps_done, steps, lr_at(self.cfg.train, rnd, self.cfg.rounds), keep_optimizer=True,
                           moments=self.moments.get(0))
         (result,) = self.ctx.run_tasks([task])
+        if result.failed:
+            raise NonFiniteError(f"central's local training produced NaN or inf (round {rnd})", "train.lr")
         self.state, self.steps_done = result.state, self.steps_done + steps
         self.keep_moments([result])
         return RoundResult(result.loss, 0, 0, central_round_time(result.flops, self.cfg.system.server))

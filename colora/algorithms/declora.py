@@ -21,6 +21,12 @@ so both totals equal the per-edge traffic (sum over directed edges of the messag
 Per round a node sends one message to each neighbour: its adapter payload (O(adapter)) or, when
 compressed, the packed difference payload of :mod:`colora.codecs`.
 
+Node role: each node's local steps run on the engine (a client task, in any worker); its gossip
+message is real bytes (its adapter, or its packed compressed difference q_i), and a node mixes only
+its own state with what it decodes from its neighbours' bytes. The driver relays the messages along
+the topology's edges, as a relay server does in deployment, and never averages nodes itself; the
+network average is computed for evaluation only.
+
 Memory: n adapter states (plus n public copies when compressed) live in the algorithm, O(adapter)
 per client; the frozen base stays the engine's one resident copy.
 
@@ -33,13 +39,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..codecs import Compressor, from_gossip
+from ..codecs import Compressor, from_gossip, pack, unpack
 from ..costmodel import declora_round_time
 from ..schedule import lr_at
 from ..states import payload_nbytes
-from ..topology import Topology, TopologySchedule, mix
+from ..topology import Topology, TopologySchedule, mix_row
 from ..types import AdapterState, ClientTask, RoundResult
-from .base import Algorithm
+from .base import Algorithm, screen_round
 
 
 def network_average(states: list[AdapterState]) -> AdapterState:
@@ -62,9 +68,14 @@ def rounding_generator(seed: int, rnd: int, node: int) -> torch.Generator:
 
 
 def plain_gossip(states: list[AdapterState], top: Topology) -> tuple[list[AdapterState], list[list[int]]]:
-    """Exact mixing; returns the new states and, per node, the sizes of the messages it sent."""
-    sizes = [payload_nbytes(s) for s in states]
-    return mix(states, top.W), [[sizes[i]] * len(top.neighbors[i]) for i in range(top.n)]
+    """Exact mixing; returns the new states and, per node, the sizes of the messages it sent.
+
+    Node i sends the bytes of its adapter to each neighbour and mixes its own state with what it
+    decodes from its neighbours' bytes (fp32 payloads decode exactly)."""
+    blobs = [pack(s) for s in states]
+    received = [unpack(b) for b in blobs]  # every neighbour of j decodes the same bytes
+    mixed = [mix_row([states[j] if j == i else received[j] for j in range(top.n)], top.W, i) for i in range(top.n)]
+    return mixed, [[len(blobs[i])] * len(top.neighbors[i]) for i in range(top.n)]
 
 
 def choco_gossip(
@@ -89,10 +100,10 @@ def choco_gossip(
     new_public, compressed = [], []
     for i in range(n):
         diff = {k: states[i][k] - public[i][k] for k in states[i]}
-        payload = compressor.encode(diff, gens[i])
-        q = compressor.decode(payload, diff)
+        blob = pack(compressor.encode(diff, gens[i]))  # node i's message q_i, as its neighbours receive it
+        q = compressor.decode(unpack(blob), diff)  # keys and shapes are protocol metadata both ends hold
         new_public.append({k: public[i][k] + q[k] for k in public[i]})
-        compressed.append(compressor.nbytes(payload))
+        compressed.append(len(blob))
     new_states = []
     for i in range(n):
         # sum over neighbours only: the j = i term of sum_j W_ij (theta_hat_j - theta_hat_i) is zero
@@ -151,10 +162,14 @@ class DecLoRA(Algorithm):
                             prox_anchor=self.states[i] if prox else None, keep_optimizer=keep, moments=self.moments.get(i))
                  for i in range(n)]
         results = self.ctx.run_tasks(tasks)  # in task order, whichever engine ran them
-        self.keep_moments(results)
         for r in results:
             self.client_steps[r.client_id] += r.steps
-        trained = [r.state for r in results]
+        accepted, rejected = screen_round(rnd, results, dict(enumerate(self.states)), cfg.federation.max_update_norm)
+        self.keep_moments(accepted)
+        # a node whose update is rejected gossips its state from before the round (it sends no update)
+        trained = list(self.states)
+        for r in accepted:
+            trained[r.client_id] = r.state
         if self.compressor.active:
             gens = [rounding_generator(cfg.seed, rnd, i) for i in range(n)]
             self.states, self.public, sent = choco_gossip(
@@ -163,10 +178,11 @@ class DecLoRA(Algorithm):
             self.states, sent = plain_gossip(trained, top)
         total = sum(sum(m) for m in sent)  # each message: sent once, received once
         sim = declora_round_time([r.flops for r in results], sent, [self.device(i) for i in range(n)])
-        extra = {"consensus_distance": consensus_distance(self.states), "spectral_gap": top.gap}
+        extra = {"consensus_distance": consensus_distance(self.states), "spectral_gap": top.gap,
+                 "rejected_updates": len(rejected)}
         if cfg.gossip.eval_clients and self.eval_due(rnd):
             extra.update(self._eval_clients())
-        return RoundResult(float(np.mean([r.loss for r in results])), total, total, sim, extra)
+        return RoundResult(float(np.mean([r.loss for r in accepted])), total, total, sim, extra)
 
     def _eval_clients(self) -> dict[str, float]:
         # n extra evaluations of the eval split on each eval round (the costliest option here).

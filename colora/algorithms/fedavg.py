@@ -21,7 +21,7 @@ from ..costmodel import fedavg_round_time
 from ..schedule import lr_at
 from ..states import lora_rank, payload_nbytes
 from ..types import ClientTask, RoundResult
-from .base import Algorithm, sample_clients
+from .base import Algorithm, sample_clients, screen_round
 from .server import AdapterServer
 
 
@@ -54,21 +54,26 @@ class FedAvg(Algorithm):
                             keep_optimizer=keep, rank=server.ranks[k], base_delta=delta, moments=self.moments.get(k))
                  for k in sampled]
         results = self.ctx.run_tasks(tasks)
-        self.keep_moments(results)
         for r in results:
             self.client_steps[r.client_id] += r.steps
+        received = results  # every sampled client ran; a dropped update still crossed the wire
+        results, rejected = screen_round(rnd, results, sent, cfg.federation.max_update_norm)
+        self.keep_moments(results)
         states = [server.receive(r.client_id, r.state) for r in results]
-        ups = [payload_nbytes(s) for s in states]
+        up_of = {r.client_id: 0 if r.failed else payload_nbytes(r.state) for r in received}
+        up_of.update({r.client_id: payload_nbytes(st) for r, st in zip(results, states)})  # HetLoRA: the pruned upload
+        ups = [up_of[r.client_id] for r in received]
         weights = [float(r.num_samples) if cfg.federation.weighting == "samples" else 1.0 for r in results]
         previous = server.state
         server.aggregate(states, weights)
         server.state, self.server_opt_state = server_step(cfg.federation, previous, server.state, self.server_opt_state)
         sim = fedavg_round_time(
-            [r.flops for r in results], ups, downs, [self.device(r.client_id) for r in results], cfg.system.server,
+            [r.flops for r in received], ups, downs, [self.device(r.client_id) for r in received], cfg.system.server,
             sum(v.numel() for s in states for v in s.values()),
         )
         loss = float(np.average([r.loss for r in results], weights=weights))
-        return RoundResult(loss, sum(ups), sum(downs), sim, {"clients": len(results), "global_rank": lora_rank(server.state)})
+        return RoundResult(loss, sum(ups), sum(downs), sim, {"clients": len(results), "global_rank": lora_rank(server.state),
+                                                             "rejected_updates": len(rejected)})
 
     def global_state(self):
         return self.server.state

@@ -87,6 +87,13 @@ class Engine:
         round-0 evaluation; without it they start on first use)."""
         self.executor.start()
 
+    def summary(self) -> dict:
+        """summary.json's ``engine`` section: where the clients ran, and how many workers were
+        restarted (each restart reran its work; the results do not change)."""
+        e = self.cfg.engine
+        return {"kind": e.kind, "workers": e.workers if e.kind != "inprocess" else 1, "device": str(self.device),
+                "worker_restarts": self.executor.restarts}
+
     def close(self) -> None:
         """Stop the executor's worker processes or actors (nothing to do in-process)."""
         if getattr(self, "executor", None) is not None:

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 
 class Executor(Protocol):
+    restarts: int  # workers restarted so far (their work rerun)
+
     def run_tasks(self, tasks: list[ClientTask]) -> list[ClientResult]:
         """Run independent client tasks; results in task order."""
 
@@ -35,6 +37,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """``engine.kind: inprocess``: every message handled in this process, in order."""
+
+    restarts = 0  # nothing to restart
 
     def __init__(self, runtime: "ClientRuntime"):
         self.runtime = runtime

@@ -148,6 +148,7 @@ class RayPool:
             check_reachable(cfg.engine.address)
         self.cfg, self.engine, self.split = cfg, engine, split
         self._dispatch: Dispatcher | None = None
+        self._restarts = 0  # of dispatchers already closed
         self._started_ray = False
 
     def _connect(self) -> None:
@@ -177,6 +178,10 @@ class RayPool:
     def start(self) -> None:
         """Ray actors start on first use (creating them waits for their runtimes)."""
 
+    @property
+    def restarts(self) -> int:
+        return self._restarts + (self._dispatch.restarts if self._dispatch is not None else 0)
+
     def run_tasks(self, tasks):
         return self.dispatcher.run_tasks(tasks)
 
@@ -186,6 +191,7 @@ class RayPool:
     def close(self) -> None:
         if self._dispatch is not None:
             self._dispatch.transport.close()
+            self._restarts += self._dispatch.restarts
             self._dispatch = None
         if self._started_ray:
             self.ray.shutdown()

@@ -146,6 +146,7 @@ class WorkerPool:
     def __init__(self, cfg: Config, engine, split: bool):
         self.engine, self.split, self.size = engine, split, cfg.engine.workers
         self._dispatch: Dispatcher | None = None
+        self._restarts = 0  # of dispatchers already closed
 
     def start(self) -> None:
         """Start the workers without waiting for them: they build their runtimes while the driver
@@ -160,6 +161,10 @@ class WorkerPool:
         self._dispatch.transport.wait_ready()
         return self._dispatch
 
+    @property
+    def restarts(self) -> int:
+        return self._restarts + (self._dispatch.restarts if self._dispatch is not None else 0)
+
     def run_tasks(self, tasks):
         return self.dispatcher.run_tasks(tasks)
 
@@ -173,4 +178,5 @@ class WorkerPool:
     def close(self) -> None:
         if self._dispatch is not None:
             self._dispatch.transport.close()
+            self._restarts += self._dispatch.restarts
             self._dispatch = None
