@@ -199,6 +199,20 @@ class DataConfig(_Strict):
     """Evaluate on the first N evaluation examples only; null = all."""
 
 
+class ByzantineConfig(_Strict):
+    """Attacking clients (fedavg, declora), chosen per seed and listed in partition.json."""
+
+    fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of clients that attack: round(fraction x clients.num) of them, drawn from the run's seed."""
+    attack: Literal["sign_flip", "gaussian", "scaled", "label_flip"] = "sign_flip"
+    """``sign_flip``: send sent - (trained - sent); ``gaussian``: send sent + N(0, noise_std^2) per entry;
+    ``scaled``: send sent + scale x (trained - sent); ``label_flip``: train on flipped labels (class c -> C-1-c)."""
+    scale: float = Field(10.0, gt=0)
+    """``scaled``: the factor an attacker multiplies its update by."""
+    noise_std: float = Field(1.0, gt=0)
+    """``gaussian``: the standard deviation of the noise an attacker sends as its update."""
+
+
 class ClientsConfig(_Strict):
     """The simulated data owners and how the training set is split among them."""
 
@@ -215,6 +229,8 @@ class ClientsConfig(_Strict):
     """Dirichlet concentration for ``partition: dirichlet``; smaller is more skewed."""
     shards_per_client: int = Field(2, gt=0)
     """Label-sorted shards per client for ``partition: shards``."""
+    byzantine: ByzantineConfig = ByzantineConfig()
+    """Attacking clients (colora.attacks); none by default."""
     proportions: list[list[float]] | None = None
     """``partition: label_skew``: one row of class proportions per client, each row >= 0 and summing to 1,
     one entry per class, e.g. Dec-LoRA's [[0.15, 0.85], [0.85, 0.15], [0.5, 0.5]]."""
@@ -570,6 +586,13 @@ class Config(_Strict):
         if isinstance(data, dict) and isinstance(data.get("engine"), str):  # `engine: inprocess` (before the section)
             data = {**data, "engine": {"kind": data["engine"]}}
         return data
+
+    @model_validator(mode="after")
+    def _attacks_where_updates_are_sent(self) -> "Config":
+        if self.clients.byzantine.fraction > 0 and self.algorithm not in ("fedavg", "declora"):
+            raise ValueError(f"clients.byzantine: attacking clients are simulated for fedavg and declora (algorithm is "
+                             f"{self.algorithm}); set clients.byzantine.fraction=0")
+        return self
 
     @model_validator(mode="after")
     def _shared_base_is_unquantized(self) -> "Config":

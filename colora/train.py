@@ -171,7 +171,10 @@ class LocalTrainer:
         losses, flops = [], 0.0
         for step in range(task.start_step, task.start_step + task.steps):
             idx = batch_indices(self.parts[task.client_id], self.cfg.batch_size, step, self.seed, task.client_id)
-            loss, f = self._step(to_device(self.data.collate(idx), self.model), opt, anchor, slots)
+            batch = self.data.collate(idx)
+            if task.flip_labels:  # an attacking client poisons its own labels (colora.attacks)
+                batch["labels"] = task.flip_labels - 1 - batch["labels"]
+            loss, f = self._step(to_device(batch, self.model), opt, anchor, slots)
             losses.append(loss)
             flops += f
         state = slots.get()

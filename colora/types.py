@@ -32,6 +32,8 @@ class ClientTask:
     # train.client_optimizer=keep (and central): the client's optimizer moments from its last task
     # (colora.messages.moments_of); None: a fresh optimizer.
     moments: AdapterState | None = None
+    # clients.byzantine label_flip: the number of classes C; the client trains on labels c -> C-1-c (0: honest)
+    flip_labels: int = 0
 
 
 @dataclass

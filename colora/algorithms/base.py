@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from ..attacks import attackers, noise_generator, tamper
 from ..config import ColoraError, Config, DeviceProfile, NonFiniteError
 from ..types import AdapterState, ClientResult, RoundResult, TaskRunner
 from ..validation import screen
@@ -40,6 +41,7 @@ class Context:
     split: SplitRunner | None = None
     # One device profile per client (colora.system.client_profiles): the cost model's rates.
     devices: list[DeviceProfile] = field(default_factory=list)
+    num_labels: int | None = None  # the task's classes (1: regression; None: a causal LM)
 
 
 class Algorithm(ABC):
@@ -55,6 +57,23 @@ class Algorithm(ABC):
         # Each client's optimizer moments between its tasks (train.client_optimizer=keep, central):
         # they travel in its task and come back in its result; 2x its adapter per client kept.
         self.moments: dict[int, AdapterState] = {}
+        byz = self.cfg.clients.byzantine
+        self.attackers = set(attackers(self.cfg.seed, self.cfg.clients.num, byz.fraction))
+        if self.attackers and byz.attack == "label_flip" and (ctx.num_labels or 0) < 2:
+            raise ColoraError("clients.byzantine.attack=label_flip needs a classification task (this one has no classes to "
+                              "flip); use sign_flip, gaussian or scaled")
+
+    def flip_labels(self, client: int) -> int:
+        """ClientTask.flip_labels for ``client``: the class count if it poisons its labels, else 0."""
+        byz = self.cfg.clients.byzantine
+        return int(self.ctx.num_labels) if client in self.attackers and byz.attack == "label_flip" else 0
+
+    def attack(self, rnd: int, results: list[ClientResult], sent: dict[int, AdapterState]) -> None:
+        """Attackers replace what they send (colora.attacks.tamper), in place, before the server sees it."""
+        for r in results:
+            if r.client_id in self.attackers and not r.failed:
+                gen = noise_generator(self.cfg.seed, rnd, r.client_id)
+                r.state = tamper(self.cfg.clients.byzantine, r.state, sent[r.client_id], gen)
 
     def keep_moments(self, results) -> None:
         """Store the moments each result brought back (a result without any keeps none)."""

@@ -159,9 +159,10 @@ class DecLoRA(Algorithm):
         keep = cfg.train.client_optimizer == "keep"
         prox = cfg.train.prox_mu > 0
         tasks = [ClientTask(i, self.states[i], self.client_steps[i], steps, lr,
-                            prox_anchor=self.states[i] if prox else None, keep_optimizer=keep, moments=self.moments.get(i))
-                 for i in range(n)]
+                            prox_anchor=self.states[i] if prox else None, keep_optimizer=keep, moments=self.moments.get(i),
+                            flip_labels=self.flip_labels(i)) for i in range(n)]
         results = self.ctx.run_tasks(tasks)  # in task order, whichever engine ran them
+        self.attack(rnd, results, dict(enumerate(self.states)))
         for r in results:
             self.client_steps[r.client_id] += r.steps
         accepted, rejected = screen_round(rnd, results, dict(enumerate(self.states)), cfg.federation.max_update_norm)

@@ -51,9 +51,10 @@ class FedAvg(Algorithm):
         sent, delta = {k: server.client_state(k, rnd) for k in sampled}, server.base_delta()
         downs = [server.down_nbytes(sent[k]) for k in sampled]
         tasks = [ClientTask(k, sent[k], self.client_steps[k], steps, lr, prox_anchor=sent[k] if cfg.train.prox_mu > 0 else None,
-                            keep_optimizer=keep, rank=server.ranks[k], base_delta=delta, moments=self.moments.get(k))
-                 for k in sampled]
+                            keep_optimizer=keep, rank=server.ranks[k], base_delta=delta, moments=self.moments.get(k),
+                            flip_labels=self.flip_labels(k)) for k in sampled]
         results = self.ctx.run_tasks(tasks)
+        self.attack(rnd, results, sent)
         for r in results:
             self.client_steps[r.client_id] += r.steps
         received = results  # every sampled client ran; a dropped update still crossed the wire

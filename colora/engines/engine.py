@@ -76,7 +76,8 @@ class Engine:
             self.memory = self._memory_check(algo_cls.pooled_data)
             ctx = Context(cfg, self.executor.run_tasks, self.slots.get(), [len(p) for p in self.train_parts],
                           self.slots.num_params(), self.evaluate, client_ranks=self.ranks,
-                          initial_state_at=self.adapters.initial_state, split=self.split, devices=self.devices)
+                          initial_state_at=self.adapters.initial_state, split=self.split, devices=self.devices,
+                          num_labels=self.task.num_labels if self.task.kind == "seq-cls" else None)
             self.algorithm = algo_cls(ctx)
         except BaseException:
             self.close()
@@ -180,6 +181,9 @@ class Engine:
         info = {"scheme": self.cfg.clients.partition, "sizes": [len(p) for p in self.parts]}
         if len(self.ranks) == len(self.parts):
             info["ranks"], info["rank_rule"] = self.ranks, rank_rule_name(self.cfg.federation)
+        if self.algorithm.attackers:
+            byz = self.cfg.clients.byzantine
+            info["byzantine"] = {"attack": byz.attack, "clients": sorted(self.algorithm.attackers)}
         if labels is not None:
             info["label_names"] = self.task.label_names
             info["histogram"] = label_histogram(labels, self.parts, self.task.num_labels).tolist()

@@ -73,9 +73,13 @@ def _numpy_base(tensors: dict[str, torch.Tensor]) -> dict:
 class _Actors:
     """The Ray transport of :class:`~colora.engines.dispatch.Dispatcher`."""
 
-    def __init__(self, ray, size: int, init: bytes, base_ref):
+    def __init__(self, ray, size: int, init: bytes, base_ref, device: str):
         self.ray, self.size, self.init, self.base_ref = ray, size, init, base_ref
-        self.remote = ray.remote(num_cpus=1, max_restarts=0, scheduling_strategy="SPREAD")(_Actor)
+        # Ray hides GPUs from actors that do not ask for them: with engine.device auto or cuda, the
+        # actors share the cluster's GPUs (a fraction each, at most one).
+        gpus = float(ray.cluster_resources().get("GPU", 0)) if device != "cpu" else 0.0
+        self.remote = ray.remote(num_cpus=1, num_gpus=min(1.0, gpus / size), max_restarts=0,
+                                 scheduling_strategy="SPREAD")(_Actor)
         self.actors = [self.remote.remote(init, base_ref) for _ in range(size)]
         self.refs: dict[int, object] = {}
         self.node_ids: list[str] = [""] * size  # the node each actor runs on
@@ -172,7 +176,7 @@ class RayPool:
             self._connect()
             base_ref = self.ray.put(_numpy_base(self.engine.base_tensors))
             init = worker_init(self.engine, self.split, "")
-            self._dispatch = Dispatcher(_Actors(self.ray, self.cfg.engine.workers, init, base_ref), "ray")
+            self._dispatch = Dispatcher(_Actors(self.ray, self.cfg.engine.workers, init, base_ref, self.cfg.engine.device), "ray")
         return self._dispatch
 
     def start(self) -> None:
