@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..aggregation import get_rule, hetlora_prune
+from ..aggregation.robust import ROBUST
 from ..aggregation.stack import base_delta
 from ..config import ColoraError, Config
 from ..states import lora_rank, payload_nbytes
@@ -27,6 +28,8 @@ class AdapterServer:
     def __init__(self, cfg: Config, ranks: list[int], initial_state_at: Callable[[int], AdapterState],
                  global_rank: int | None = None):
         self.rule = get_rule(cfg.federation)
+        self.fed = cfg.federation
+        self.robust = ROBUST.get(cfg.federation.robust)  # None for robust=none
         if self.rule.equal_ranks and len(set(ranks) | {global_rank or ranks[0]}) > 1:
             raise ColoraError(f"federation.aggregator={self.rule.name} needs equal LoRA ranks, but the clients' ranks are "
                               f"{sorted(set(ranks))}; use zero_pad, svd or stack for mixed ranks")
@@ -62,7 +65,11 @@ class AdapterServer:
             self.ranks[client] = lora_rank(pruned)
         return pruned
 
-    def aggregate(self, states: list[AdapterState], weights: list[float]) -> None:
+    def aggregate(self, states: list[AdapterState], weights: list[float], sents: list[AdapterState] | None = None) -> None:
+        """The new global from the clients' states (``sents``: what each was sent, for robust rules
+        that measure updates); ``federation.robust`` first picks, clips or replaces the states."""
+        if self.robust is not None:
+            states, weights = self.robust(states, weights, self.alpha, self.global_rank, self.fed, sents=sents)
         self.state = self.rule.aggregate(states, weights, self.alpha, self.global_rank, self.state)
 
     def state_dict(self) -> dict:
