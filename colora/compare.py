@@ -104,7 +104,7 @@ def check_sweep(runs: list[tuple[str, Config]], out: Path) -> None:
     for i, (name, cfg) in enumerate(runs):
         run_dir = out / f"{i}-{name}"
         saved = run_dir / "config.yaml"
-        if saved.is_file() and _comparable(read_yaml(saved, "run config")) != _comparable(cfg.model_dump(mode="json")):
+        if saved.is_file() and _comparable(_validated(read_yaml(saved, "run config"))) != _comparable(cfg.model_dump(mode="json")):
             raise ColoraError(f"{run_dir} holds a run of another config (its config.yaml differs from sweep run "
                               f"'{name}'); use a new --out or remove that directory")
         if run_dir.exists() and (not run_dir.is_dir() or (any(run_dir.iterdir()) and not rundir.is_run_dir(run_dir))):
@@ -115,6 +115,15 @@ def check_sweep(runs: list[tuple[str, Config]], out: Path) -> None:
             Engine(cfg).close()  # workers and actors start on first use: none started here
         except ColoraError as exc:
             raise ColoraError(f"sweep run {i} ({name}): {exc}") from None
+
+
+def _validated(raw) -> dict:
+    """A saved run config with today's defaults filled in (keys added since it was written compare
+    equal at their defaults); a config that no longer validates compares as different."""
+    try:
+        return build_config(raw).model_dump(mode="json") if isinstance(raw, dict) else {}
+    except ColoraError:
+        return {}
 
 
 def _comparable(raw) -> dict:

@@ -283,6 +283,17 @@ class FederationConfig(_Strict):
     """Drop a client update whose L2 distance from what the client was sent (over A, B and the head)
     exceeds this, for that round (fedavg, declora; ``rejected_updates`` in metrics.jsonl); ``auto``:
     10x the round's median; null: no bound. Wrong keys, shapes, dtypes or NaN/inf are always dropped."""
+    robust: Literal["none", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip"] = "none"
+    """Robust aggregation before ``aggregator`` (fedavg; colora/aggregation/robust): ``median`` /
+    ``trimmed_mean``: coordinate-wise over the clients' ΔW = (alpha/r)·B·A, re-factored at the global rank;
+    ``krum`` / ``multi_krum``: keep the update(s) closest to their neighbours (ΔW distances);
+    ``norm_clip``: clip each parameter-space update to ``robust_clip``."""
+    robust_f: int = Field(1, ge=0)
+    """Krum / multi-Krum: the number of attacking clients a round is assumed to hold."""
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    """``trimmed_mean``: share of the largest and of the smallest values dropped per entry."""
+    robust_clip: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    """``norm_clip``: the largest update norm kept as it is; ``auto``: the round's median norm."""
     server_optimizer: Literal["none", "fedavgm", "fedadam", "fedyogi"] = "none"
     """Server step on the pseudo-gradient (global minus aggregate): ``none`` takes the aggregate;
     ``fedavgm``: heavy-ball momentum; ``fedadam``, ``fedyogi``: adaptive (Reddi et al. 2021).
@@ -541,6 +552,22 @@ class EngineConfig(_Strict):
         return self
 
 
+class PrivacyConfig(_Strict):
+    """Differential privacy (colora.privacy): client-level DP-FedAvg with an RDP accountant."""
+
+    mode: Literal["none", "client", "local"] = "none"
+    """``client``: clip each client's update to ``clip`` and add Gaussian noise at aggregation (fedavg with
+    aggregator fedit); ``local`` (DP-SGD) is not available yet; ``none``: no guarantee."""
+    clip: float = Field(1.0, gt=0)
+    """L2 bound of one client's update (A, B and the head) per round."""
+    noise_multiplier: float = Field(0.0, ge=0)
+    """Noise std over ``clip``; must be > 0 with ``mode: client``."""
+    delta: float = Field(1.0e-5, gt=0, lt=1)
+    """The delta of the (epsilon, delta) guarantee reported as ``epsilon`` in metrics.jsonl."""
+    target_epsilon: float | None = Field(None, gt=0)
+    """Refuse, before training, a config whose rounds would spend more than this."""
+
+
 class Config(_Strict):
     """The whole experiment. Field names and defaults follow CONTRACT.md."""
 
@@ -575,6 +602,8 @@ class Config(_Strict):
     """Logging."""
     eval: EvalConfig = EvalConfig()
     """Evaluation."""
+    privacy: PrivacyConfig = PrivacyConfig()
+    """Differential privacy."""
 
     pinned_inputs: dict[str, str] = {}
     """Written by colora, not by you: the sha256 of every input file a run reads, by config key
@@ -586,6 +615,37 @@ class Config(_Strict):
         if isinstance(data, dict) and isinstance(data.get("engine"), str):  # `engine: inprocess` (before the section)
             data = {**data, "engine": {"kind": data["engine"]}}
         return data
+
+    @model_validator(mode="after")
+    def _privacy_where_it_holds(self) -> "Config":
+        p = self.privacy
+        if p.mode == "local":
+            raise ValueError("privacy.mode=local (per-sample DP-SGD) is not available yet; use privacy.mode=client "
+                             "(DP-FedAvg) or none")
+        if p.mode == "client":
+            why = {"sl": "split learning sends activations, the data itself transformed: no noise on updates protects them",
+                   "splitlora": "split learning sends activations, the data itself transformed: no noise on updates protects them",
+                   "declora": "gossip mixes un-noised node states (no per-node noise yet)",
+                   "central": "there is one pooled data set and no client updates"}.get(self.algorithm)
+            if why:
+                raise ValueError(f"privacy.mode=client gives no guarantee for algorithm={self.algorithm}: {why}; use fedavg")
+            if self.federation.aggregator != "fedit" or self.federation.robust != "none":
+                raise ValueError("privacy.mode=client adds noise to the plain sum of clipped parameter updates: it needs "
+                                 "federation.aggregator=fedit and federation.robust=none")
+            if p.noise_multiplier <= 0:
+                raise ValueError("privacy.mode=client needs privacy.noise_multiplier > 0 (clipping alone gives no guarantee)")
+        return self
+
+    @model_validator(mode="after")
+    def _robust_where_a_server_aggregates(self) -> "Config":
+        fed = self.federation
+        if fed.robust != "none" and self.algorithm != "fedavg":
+            raise ValueError(f"federation.robust={fed.robust}: robust aggregation runs in fedavg's server (algorithm is "
+                             f"{self.algorithm}); set federation.robust=none")
+        if fed.robust in ("median", "trimmed_mean") and fed.aggregator == "stack":
+            raise ValueError(f"federation.robust={fed.robust} re-factors one ΔW at the global rank; aggregator=stack merges "
+                             "stacked updates into the base instead; use svd or zero_pad")
+        return self
 
     @model_validator(mode="after")
     def _attacks_where_updates_are_sent(self) -> "Config":

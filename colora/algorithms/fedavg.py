@@ -18,6 +18,8 @@ import numpy as np
 from ..aggregation import server_step
 from ..config import ColoraError
 from ..costmodel import fedavg_round_time
+from ..privacy import check_budget, dp_fedavg, epsilon
+from ..privacy import noise_generator as dp_noise
 from ..schedule import lr_at
 from ..states import lora_rank, payload_nbytes
 from ..types import ClientTask, RoundResult
@@ -41,6 +43,7 @@ class FedAvg(Algorithm):
                 f"(got {fed.aggregator}, which re-factors B and A each round)"
             )
         self.server_opt_state: dict = {}
+        self.budget = check_budget(self.cfg)  # before training: a run that would overspend is refused
         self.client_steps = [0] * self.cfg.clients.num  # each client's own batch counter
 
     def run_round(self, rnd: int) -> RoundResult:
@@ -66,7 +69,11 @@ class FedAvg(Algorithm):
         ups = [up_of[r.client_id] for r in received]
         weights = [float(r.num_samples) if cfg.federation.weighting == "samples" else 1.0 for r in results]
         previous = server.state
-        server.aggregate(states, weights)
+        if cfg.privacy.mode == "client":  # DP-FedAvg: clipped updates, noise, a fixed denominator
+            server.state = dp_fedavg(states, previous, cfg.privacy.clip, cfg.privacy.noise_multiplier, cfg.clients.per_round,
+                                     dp_noise(cfg.seed, rnd))
+        else:
+            server.aggregate(states, weights, sents=[sent[r.client_id] for r in results])
         server.state, self.server_opt_state = server_step(cfg.federation, previous, server.state, self.server_opt_state)
         sim = fedavg_round_time(
             [r.flops for r in received], ups, downs, [self.device(r.client_id) for r in received], cfg.system.server,
@@ -74,7 +81,8 @@ class FedAvg(Algorithm):
         )
         loss = float(np.average([r.loss for r in results], weights=weights))
         return RoundResult(loss, sum(ups), sum(downs), sim, {"clients": len(results), "global_rank": lora_rank(server.state),
-                                                             "rejected_updates": len(rejected)})
+                                                             "rejected_updates": len(rejected),
+                                                             **({"epsilon": epsilon(cfg, rnd)} if cfg.privacy.mode == "client" else {})})
 
     def global_state(self):
         return self.server.state
