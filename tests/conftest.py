@@ -36,6 +36,24 @@ def tiny_config(**over):
     return build_config(raw, {k.replace("__", "."): v for k, v in over.items()})
 
 
+def cli_error(tmp_path: Path, capsys, raw: dict, sets: list[str]) -> str:
+    """Run ``colora run`` on config ``raw`` with ``--set`` overrides; assert it exits 2 with one line
+    on stderr (no traceback) and return that line."""
+    import yaml
+
+    from colora.cli import main
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    argv = ["run", str(path), "--out", str(tmp_path / "run")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("colora: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -6,14 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 
 from colora.cli import main
 from colora.config import ConfigError, build_config
 from colora.data import DataError, label_histogram, partition
 from colora.experiment import run_experiment
 
-from .conftest import read_rows, tiny_config, tiny_raw
+from .conftest import cli_error, read_rows, tiny_config, tiny_raw
 
 SMALL = dict(data__synthetic_train=90, data__synthetic_eval=32, data__max_length=32)
 
@@ -54,15 +53,7 @@ def _cli(tmp_path, capsys, sets: list[str]) -> str:
     raw, _ = tiny_raw()
     raw["algorithm"] = "declora"
     raw["data"].update(synthetic_train=60, synthetic_eval=16, max_length=32)
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    argv = ["run", str(path), "--out", str(tmp_path / "run")]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("colora: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
+    return cli_error(tmp_path, capsys, raw, sets)
 
 
 def test_bad_gossip_input_exits_2_with_a_one_line_message(tmp_path, capsys):

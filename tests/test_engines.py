@@ -21,7 +21,7 @@ from colora.messages import decode_result, decode_task, encode_result, encode_ta
 from colora.split.server import SplitServer
 from colora.types import ClientResult, ClientTask
 
-from .conftest import read_rows, tiny_config
+from .conftest import cli_error, read_rows, tiny_config, tiny_raw
 
 SMALL = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=32, rounds=2, clients__num=4,
              clients__per_round=3, train__local_steps=2)
@@ -159,19 +159,7 @@ def test_worker_errors_reach_the_driver_as_one_line(tmp_path):
     (["engine.kind=workers", "model.quantize=int8"], "needs engine.kind=inprocess"),
 ])
 def test_bad_engine_settings_exit_2(tmp_path, capsys, sets, message):
-    import yaml
-
-    from .conftest import tiny_raw
-
-    raw, _ = tiny_raw()
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    argv = ["run", str(path), "--out", str(tmp_path / "run")]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    assert message in cli_error(tmp_path, capsys, tiny_raw()[0], sets)
 
 
 def test_ray_without_the_extra_says_what_to_install(monkeypatch):
@@ -222,14 +210,5 @@ def test_ray_actors_spread_over_both_nodes_and_a_killed_actor_changes_nothing(ra
 
 
 def test_unreachable_ray_address_exits_2(tmp_path, capsys):
-    import yaml
-
-    from .conftest import tiny_raw
-
-    raw, _ = tiny_raw()
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    argv = ["run", str(path), "--out", str(tmp_path / "run"), "--set", "engine.kind=ray", "--set", "engine.address=127.0.0.1:9"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot connect to a Ray cluster" in err[0]
+    err = cli_error(tmp_path, capsys, tiny_raw()[0], ["engine.kind=ray", "engine.address=127.0.0.1:9"])
+    assert "cannot connect to a Ray cluster" in err

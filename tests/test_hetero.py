@@ -26,7 +26,7 @@ from colora.ranks import data_size_ranks, resource_ranks
 from colora.states import lora_rank, payload_nbytes
 from colora.train import evaluate
 
-from .conftest import read_rows, tiny_config, tiny_raw
+from .conftest import cli_error, read_rows, tiny_config, tiny_raw
 
 P1, P2 = "base_model.model.enc.q", "base_model.model.enc.v"
 H = "base_model.model.classifier.weight"
@@ -390,15 +390,7 @@ def test_zero_pad_with_hetlora_options_runs_and_resumes(tmp_path):
     ],
 )
 def test_bad_rank_settings_exit_2_with_one_line(tmp_path, capsys, sets, needle):
-    raw, _ = tiny_raw()
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    argv = ["run", str(path), "--out", str(tmp_path / "run")]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("colora: error: ") and needle in err and len(err.splitlines()) == 1, err
+    assert needle in cli_error(tmp_path, capsys, tiny_raw()[0], sets)
 
 
 def test_every_rule_is_registered_with_its_exactness():

@@ -8,16 +8,14 @@ import math
 import dp_accounting
 import pytest
 import torch
-import yaml
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from colora.cli import main
 from colora.config import ConfigError
 from colora.experiment import run_experiment
 from colora.privacy import _ORDERS, clipped, dp_fedavg, epsilon, noise_generator
 from colora.validation import update_norm
 
-from .conftest import read_rows, tiny_config, tiny_raw
+from .conftest import cli_error, read_rows, tiny_config, tiny_raw
 
 SMALL = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=32, rounds=3, clients__num=6,
              clients__per_round=3, train__local_steps=1)
@@ -79,11 +77,8 @@ def test_a_budget_the_rounds_would_exceed_is_refused_before_training(tmp_path, c
     raw, _ = tiny_raw()
     raw.update(rounds=50, clients={"num": 6, "per_round": 6}, privacy={"mode": "client", "noise_multiplier": 0.8,
                                                                        "target_epsilon": 1.0})
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "privacy.target_epsilon=1" in err[0] and "raise privacy.noise_multiplier" in err[0]
+    err = cli_error(tmp_path, capsys, raw, [])
+    assert "privacy.target_epsilon=1" in err and "raise privacy.noise_multiplier" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

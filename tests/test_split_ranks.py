@@ -16,7 +16,7 @@ from colora.split.types import SplitJob
 from colora.states import lora_pairs, lora_rank, payload_nbytes
 from colora.train import batch_indices
 
-from .conftest import read_rows, tiny_config, tiny_raw
+from .conftest import cli_error, read_rows, tiny_config, tiny_raw
 
 SMALL = dict(algorithm="splitlora", split__layer=2, data__synthetic_train=64, data__synthetic_eval=32, rounds=2)
 
@@ -110,11 +110,4 @@ def test_resume_with_mixed_ranks_equals_uninterrupted(tmp_path):
 def test_unsupported_rank_settings_exit_2_with_one_line(tmp_path, capsys, sets, needle):
     raw, _ = tiny_raw()
     raw.update(algorithm="splitlora", rounds=1, split={"layer": 2})
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    argv = ["run", str(path), "--out", str(tmp_path / "out")]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert needle in err and len(err.splitlines()) == 1
+    assert needle in cli_error(tmp_path, capsys, raw, sets)

@@ -169,3 +169,31 @@ class Dispatcher:
             self.transport.send(w, ABORT)
             self.transport.wait([w])
         busy.clear()
+
+
+class PoolExecutor:
+    """What the parallel executors share: a :class:`Dispatcher` made on first use (``dispatcher``,
+    supplied by the subclass), restarts counted across it, and the executor calls routed to it."""
+
+    _dispatch: Dispatcher | None = None
+    _restarts = 0  # of dispatchers already closed
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        raise NotImplementedError
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts + (self._dispatch.restarts if self._dispatch is not None else 0)
+
+    def run_tasks(self, tasks: list[ClientTask]) -> list[ClientResult]:
+        return self.dispatcher.run_tasks(tasks)
+
+    def converse(self, jobs: list[bytes], serve: Callable[[int, bytes], tuple[bool, bytes]]) -> list[bytes]:
+        return self.dispatcher.converse(jobs, serve)
+
+    def _close_dispatch(self) -> None:
+        if self._dispatch is not None:
+            self._dispatch.transport.close()
+            self._restarts += self._dispatch.restarts
+            self._dispatch = None

@@ -23,7 +23,7 @@ import warnings
 import torch
 
 from ..config import ColoraError, Config
-from .dispatch import Dispatcher, handle
+from .dispatch import Dispatcher, PoolExecutor, handle
 from .workers import build_runtime, worker_init
 
 _START_TIMEOUT_S = 300.0  # actors that cannot be placed (too few CPUs in the cluster) fail after this
@@ -143,7 +143,7 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
                           "with `ray start --head` or leave engine.address null for a local instance") from None
 
 
-class RayPool:
+class RayPool(PoolExecutor):
     """The ``ray`` executor: connects (or starts Ray) and creates its actors on first use."""
 
     def __init__(self, cfg: Config, engine, split: bool):
@@ -151,8 +151,6 @@ class RayPool:
         if cfg.engine.address not in (None, "auto"):
             check_reachable(cfg.engine.address)
         self.cfg, self.engine, self.split = cfg, engine, split
-        self._dispatch: Dispatcher | None = None
-        self._restarts = 0  # of dispatchers already closed
         self._started_ray = False
 
     def _connect(self) -> None:
@@ -182,21 +180,8 @@ class RayPool:
     def start(self) -> None:
         """Ray actors start on first use (creating them waits for their runtimes)."""
 
-    @property
-    def restarts(self) -> int:
-        return self._restarts + (self._dispatch.restarts if self._dispatch is not None else 0)
-
-    def run_tasks(self, tasks):
-        return self.dispatcher.run_tasks(tasks)
-
-    def converse(self, jobs, serve):
-        return self.dispatcher.converse(jobs, serve)
-
     def close(self) -> None:
-        if self._dispatch is not None:
-            self._dispatch.transport.close()
-            self._restarts += self._dispatch.restarts
-            self._dispatch = None
+        self._close_dispatch()
         if self._started_ray:
             self.ray.shutdown()
             self._started_ray = False

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import ColoraError, Config
-from .dispatch import Dispatcher, handle
+from .dispatch import Dispatcher, PoolExecutor, handle
 
 _READY = b"ready"
 
@@ -140,13 +140,11 @@ class _Processes:
                     proc.kill()
 
 
-class WorkerPool:
+class WorkerPool(PoolExecutor):
     """The ``workers`` executor: processes start at :meth:`start` (or on first use), stop at :meth:`close`."""
 
     def __init__(self, cfg: Config, engine, split: bool):
         self.engine, self.split, self.size = engine, split, cfg.engine.workers
-        self._dispatch: Dispatcher | None = None
-        self._restarts = 0  # of dispatchers already closed
 
     def start(self) -> None:
         """Start the workers without waiting for them: they build their runtimes while the driver
@@ -161,22 +159,9 @@ class WorkerPool:
         self._dispatch.transport.wait_ready()
         return self._dispatch
 
-    @property
-    def restarts(self) -> int:
-        return self._restarts + (self._dispatch.restarts if self._dispatch is not None else 0)
-
-    def run_tasks(self, tasks):
-        return self.dispatcher.run_tasks(tasks)
-
-    def converse(self, jobs, serve):
-        return self.dispatcher.converse(jobs, serve)
-
     def pids(self) -> list[int]:
         """The worker processes' ids (empty before first use)."""
         return self._dispatch.transport.pids() if self._dispatch is not None else []
 
     def close(self) -> None:
-        if self._dispatch is not None:
-            self._dispatch.transport.close()
-            self._restarts += self._dispatch.restarts
-            self._dispatch = None
+        self._close_dispatch()
