@@ -642,6 +642,10 @@ class Config(_Strict):
         if fed.robust != "none" and self.algorithm != "fedavg":
             raise ValueError(f"federation.robust={fed.robust}: robust aggregation runs in fedavg's server (algorithm is "
                              f"{self.algorithm}); set federation.robust=none")
+        if fed.robust in ("krum", "multi_krum") and self.clients.per_round <= 2 * fed.robust_f + 2:
+            raise ValueError(f"federation.robust={fed.robust} tolerates robust_f={fed.robust_f} attackers only with more than "
+                             f"2 x robust_f + 2 = {2 * fed.robust_f + 2} clients a round (clients.per_round="
+                             f"{self.clients.per_round}); sample more clients or lower federation.robust_f")
         if fed.robust in ("median", "trimmed_mean") and fed.aggregator == "stack":
             raise ValueError(f"federation.robust={fed.robust} re-factors one ΔW at the global rank; aggregator=stack merges "
                              "stacked updates into the base instead; use svd or zero_pad")

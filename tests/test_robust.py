@@ -56,6 +56,25 @@ def test_coordinatewise_rules_equal_their_dense_reference(name, stat):
     assert torch.allclose(out["head.weight"].double(), stat(torch.stack([s["head.weight"].double() for s in states])), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum", "multi_krum"])
+def test_a_change_of_basis_of_the_factors_changes_nothing(name):
+    """B A = (B M)(M^-1 A): rotating and rescaling each client's factors leaves every rule's ΔW alone."""
+    states = [_client(4, s) for s in range(5)]
+    g = torch.Generator().manual_seed(7)
+    turned = []
+    for st in states:
+        m = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0] @ torch.diag(
+            torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64))
+        turned.append({**st, "m.lora_B.weight": (st["m.lora_B.weight"].double() @ m).float(),
+                       "m.lora_A.weight": (torch.linalg.inv(m) @ st["m.lora_A.weight"].double()).float()})
+    fed = FederationConfig(trim_fraction=0.2, robust_f=1)
+    plain, _ = ROBUST[name](states, [1.0] * 5, ALPHA, 4, fed)
+    rotated, _ = ROBUST[name](turned, [1.0] * 5, ALPHA, 4, fed)
+    assert len(plain) == len(rotated)
+    for a, b in zip(plain, rotated):
+        assert torch.allclose(_dense(a), _dense(b), atol=1e-4)
+
+
 def test_krum_and_multi_krum_leave_the_outlier_out():
     states = [_client(4, 0, shift=0.01 * k) for k in range(4)] + [_client(4, 9, shift=50.0)]
     for k in range(4):  # four honest clients close together
@@ -117,6 +136,7 @@ def test_median_with_mixed_ranks_runs(tmp_path):
     (dict(algorithm="declora", federation__robust="median"), "robust aggregation runs in fedavg's server"),
     (dict(federation__robust="median", federation__aggregator="stack", federation__ranks=[4, 8, 8, 8, 8]), "use svd or zero_pad"),
     (dict(federation__robust="trimmed_mean", federation__trim_fraction=0.5), "trim_fraction"),
+    (dict(federation__robust="krum", federation__robust_f=2, clients__num=6, clients__per_round=6), r"more than 2 x robust_f \+ 2 = 6"),
 ])
 def test_robust_settings_that_cannot_work_are_refused(over, message):
     with pytest.raises(ConfigError, match=message):
