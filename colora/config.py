@@ -561,7 +561,7 @@ class PrivacyConfig(_Strict):
     clip: float = Field(1.0, gt=0)
     """L2 bound of one client's update (A, B and the head) per round."""
     noise_multiplier: float = Field(0.0, ge=0)
-    """Noise std over ``clip``; must be > 0 with ``mode: client``."""
+    """Noise std over ``clip``; 0 clips without noise (an ablation: no guarantee, ``epsilon`` null)."""
     delta: float = Field(1.0e-5, gt=0, lt=1)
     """The delta of the (epsilon, delta) guarantee reported as ``epsilon`` in metrics.jsonl."""
     target_epsilon: float | None = Field(None, gt=0)
@@ -632,8 +632,9 @@ class Config(_Strict):
             if self.federation.aggregator != "fedit" or self.federation.robust != "none":
                 raise ValueError("privacy.mode=client adds noise to the plain sum of clipped parameter updates: it needs "
                                  "federation.aggregator=fedit and federation.robust=none")
-            if p.noise_multiplier <= 0:
-                raise ValueError("privacy.mode=client needs privacy.noise_multiplier > 0 (clipping alone gives no guarantee)")
+            if p.noise_multiplier <= 0 and p.target_epsilon is not None:
+                raise ValueError(f"privacy.target_epsilon={p.target_epsilon:g} cannot hold with privacy.noise_multiplier=0 "
+                                 "(clipping alone gives no guarantee: epsilon is infinite); raise privacy.noise_multiplier")
         return self
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ before the noise (secure aggregation would hide them; not built). Split learning
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import numpy as np
 import torch
@@ -36,7 +37,10 @@ _ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 128))  # RDP or
 
 
 def epsilon(cfg: Config, rounds: int) -> float:
-    """Privacy spent after ``rounds`` rounds of ``cfg``'s DP-FedAvg (epsilon at privacy.delta)."""
+    """Privacy spent after ``rounds`` rounds of ``cfg``'s DP-FedAvg (epsilon at privacy.delta; inf
+    without noise)."""
+    if cfg.privacy.noise_multiplier == 0:
+        return math.inf
     if importlib.util.find_spec("dp_accounting") is None:
         raise ColoraError("privacy.mode=client needs the accountant: pip install 'colora[privacy]' (dp-accounting)")
     import logging

@@ -63,6 +63,16 @@ def test_a_private_run_reports_epsilon_every_round_and_is_reproducible(tmp_path)
     assert "epsilon" not in plain[-1] and plain[-1]["eval/loss"] != runs[0][-1]["eval/loss"]
 
 
+def test_without_noise_or_clipping_it_is_plain_fedavg(tmp_path):
+    """noise_multiplier 0 and a clip no update reaches: the mean of the updates, i.e. fedavg with
+    uniform weights (to float rounding: the update is summed in another order)."""
+    plain = read_rows(run_experiment(tiny_config(**SMALL, federation__weighting="uniform"), out=str(tmp_path / "plain")))
+    dp = read_rows(run_experiment(tiny_config(**SMALL, federation__weighting="uniform", privacy__mode="client",
+                                              privacy__clip=1e9, privacy__noise_multiplier=0.0), out=str(tmp_path / "dp")))
+    assert max(abs(a["eval/loss"] - b["eval/loss"]) for a, b in zip(plain, dp)) < 1e-6
+    assert [r["epsilon"] for r in dp[1:]] == [None] * 3  # no noise, no guarantee
+
+
 def test_the_global_moves_by_at_most_the_clip_plus_noise_per_round():
     """Without noise, DP-FedAvg's global moves by at most clip * sampled / denominator = clip."""
     from colora.engines import Engine
@@ -87,7 +97,7 @@ def test_a_budget_the_rounds_would_exceed_is_refused_before_training(tmp_path, c
     (dict(algorithm="declora"), "gossip mixes un-noised node states"),
     (dict(algorithm="central"), "one pooled data set"),
     (dict(federation__aggregator="svd", federation__ranks=[4, 8, 8, 8, 8, 8]), "needs federation.aggregator=fedit"),
-    (dict(privacy__noise_multiplier=0.0), "needs privacy.noise_multiplier > 0"),
+    (dict(privacy__noise_multiplier=0.0, privacy__target_epsilon=8.0), "cannot hold with privacy.noise_multiplier=0"),
     (dict(privacy__mode="local"), "not available yet"),
 ])
 def test_configs_without_a_guarantee_are_refused(over, message):

@@ -13,6 +13,8 @@ global and refuse mixed ranks), so each payload, down and up, is the size of tha
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..aggregation import server_step
@@ -25,6 +27,10 @@ from ..states import lora_rank, payload_nbytes
 from ..types import ClientTask, RoundResult
 from .base import Algorithm, sample_clients, screen_round
 from .server import AdapterServer
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # metrics.jsonl is strict JSON: no guarantee is null
 
 
 class FedAvg(Algorithm):
@@ -82,7 +88,7 @@ class FedAvg(Algorithm):
         loss = float(np.average([r.loss for r in results], weights=weights))
         return RoundResult(loss, sum(ups), sum(downs), sim, {"clients": len(results), "global_rank": lora_rank(server.state),
                                                              "rejected_updates": len(rejected),
-                                                             **({"epsilon": epsilon(cfg, rnd)} if cfg.privacy.mode == "client" else {})})
+                                                             **({"epsilon": _finite(epsilon(cfg, rnd))} if cfg.privacy.mode == "client" else {})})
 
     def global_state(self):
         return self.server.state
