@@ -1,5 +1,5 @@
 """Every paradigm gives the same run on every engine: ``inprocess`` (the reference), ``workers``
-(spawned processes mapping one base file) and ``ray`` (actors on a real two-node local cluster,
+(worker processes mapping one base file) and ``ray`` (actors on a real two-node local cluster,
 ``ray.cluster_utils.Cluster``). Tasks and split conversations cross the engine boundary as bytes
 only, and every generator is derived from (seed, client, step), so the runs agree exactly; the
 tests allow 1e-6 in eval loss. A killed worker is restarted and its work rerun with no change."""
