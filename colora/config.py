@@ -284,7 +284,8 @@ class FederationConfig(_Strict):
     exceeds this, for that round (fedavg, declora; ``rejected_updates`` in metrics.jsonl); ``auto``:
     10x the round's median; null: no bound. Wrong keys, shapes, dtypes or NaN/inf are always dropped."""
     robust: Literal["none", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip"] = "none"
-    """Robust aggregation before ``aggregator`` (fedavg; colora/aggregation/robust): ``median`` /
+    """Robust aggregation (colora/aggregation/robust) before fedavg's ``aggregator``, or as each Dec-LoRA
+    node's combination of its neighbours (plain gossip): ``median`` /
     ``trimmed_mean``: coordinate-wise over the clients' ΔW = (alpha/r)·B·A, re-factored at the global rank;
     ``krum`` / ``multi_krum``: keep the update(s) closest to their neighbours (ΔW distances);
     ``norm_clip``: clip each parameter-space update to ``robust_clip``."""
@@ -640,10 +641,13 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _robust_where_a_server_aggregates(self) -> "Config":
         fed = self.federation
-        if fed.robust != "none" and self.algorithm != "fedavg":
-            raise ValueError(f"federation.robust={fed.robust}: robust aggregation runs in fedavg's server (algorithm is "
-                             f"{self.algorithm}); set federation.robust=none")
-        if fed.robust in ("krum", "multi_krum") and self.clients.per_round <= 2 * fed.robust_f + 2:
+        if fed.robust != "none" and self.algorithm not in ("fedavg", "declora"):
+            raise ValueError(f"federation.robust={fed.robust}: robust aggregation runs in fedavg's server and in Dec-LoRA's "
+                             f"nodes (algorithm is {self.algorithm}); set federation.robust=none")
+        if fed.robust != "none" and self.algorithm == "declora" and (self.gossip.quantize_bits or self.gossip.topk):
+            raise ValueError(f"federation.robust={fed.robust}: a node combines its neighbours' full states; compressed "
+                             "gossip (gossip.quantize_bits / topk) only ever sends differences; turn compression off")
+        if fed.robust in ("krum", "multi_krum") and self.algorithm == "fedavg" and self.clients.per_round <= 2 * fed.robust_f + 2:
             raise ValueError(f"federation.robust={fed.robust} tolerates robust_f={fed.robust_f} attackers only with more than "
                              f"2 x robust_f + 2 = {2 * fed.robust_f + 2} clients a round (clients.per_round="
                              f"{self.clients.per_round}); sample more clients or lower federation.robust_f")

@@ -125,6 +125,28 @@ def test_a_boosted_attacker_does_not_take_the_model(tmp_path, robust):
     assert _distance(adapters["defended"], adapters["clean"]) < 0.25 * harm
 
 
+@pytest.mark.parametrize("robust", ["median", "multi_krum"])
+def test_dec_lora_nodes_combine_their_neighbours_robustly(tmp_path, robust):
+    """Complete graph of five nodes, one boosting its update 50x: each node's robust combination of
+    its neighbourhood keeps the network far closer to the clean run than plain mixing does."""
+    common = dict(SMALL, algorithm="declora", gossip__topology="complete")
+    attack = {"fraction": 0.2, "attack": "scaled", "scale": 50.0}
+    adapters = {}
+    for name, over in (("clean", {}), ("attacked", {"clients__byzantine": attack}),
+                       ("defended", {"clients__byzantine": attack, "federation__robust": robust})):
+        adapters[name] = _exported(run_experiment(tiny_config(**common, **over), out=str(tmp_path / name)))
+    harm = _distance(adapters["attacked"], adapters["clean"])
+    assert harm > 0.1 and _distance(adapters["defended"], adapters["clean"]) < 0.25 * harm
+
+
+def test_krum_on_a_ring_is_refused_before_it_mixes():
+    from colora.config import ColoraError
+    from colora.engines import Engine
+
+    with pytest.raises(ColoraError, match="neighbourhood .* above 4; node 0 has 3"):
+        Engine(tiny_config(**SMALL, algorithm="declora", gossip__topology="ring", federation__robust="krum"))
+
+
 def test_median_with_mixed_ranks_runs(tmp_path):
     run = run_experiment(tiny_config(**SMALL, federation__aggregator="svd", federation__ranks=[2, 4, 8, 4, 8],
                                      federation__robust="median"), out=str(tmp_path / "run"))
@@ -133,7 +155,8 @@ def test_median_with_mixed_ranks_runs(tmp_path):
 
 
 @pytest.mark.parametrize("over,message", [
-    (dict(algorithm="declora", federation__robust="median"), "robust aggregation runs in fedavg's server"),
+    (dict(algorithm="splitlora", federation__robust="median"), "robust aggregation runs in fedavg's server"),
+    (dict(algorithm="declora", federation__robust="median", gossip__quantize_bits=8), "turn compression off"),
     (dict(federation__robust="median", federation__aggregator="stack", federation__ranks=[4, 8, 8, 8, 8]), "use svd or zero_pad"),
     (dict(federation__robust="trimmed_mean", federation__trim_fraction=0.5), "trim_fraction"),
     (dict(federation__robust="krum", federation__robust_f=2, clients__num=6, clients__per_round=6), r"more than 2 x robust_f \+ 2 = 6"),

@@ -39,10 +39,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..aggregation.fedit import weighted_mean
+from ..aggregation.robust import ROBUST
 from ..codecs import Compressor, from_gossip, pack, unpack
+from ..config import ColoraError
 from ..costmodel import declora_round_time
 from ..schedule import lr_at
-from ..states import payload_nbytes
+from ..states import lora_rank, payload_nbytes
 from ..topology import Topology, TopologySchedule, mix_row
 from ..types import AdapterState, ClientTask, RoundResult
 from .base import Algorithm, screen_round
@@ -75,6 +78,23 @@ def plain_gossip(states: list[AdapterState], top: Topology) -> tuple[list[Adapte
     blobs = [pack(s) for s in states]
     received = [unpack(b) for b in blobs]  # every neighbour of j decodes the same bytes
     mixed = [mix_row([states[j] if j == i else received[j] for j in range(top.n)], top.W, i) for i in range(top.n)]
+    return mixed, [[len(blobs[i])] * len(top.neighbors[i]) for i in range(top.n)]
+
+
+def robust_gossip(states: list[AdapterState], previous: list[AdapterState], top: Topology, rule, fed, alpha: float
+                  ) -> tuple[list[AdapterState], list[list[int]]]:
+    """Each node's robust combination of itself and its neighbours (``federation.robust``), in place of
+    W's weighted mix: the rule picks, clips or replaces the neighbourhood's states, and the node takes
+    their plain mean. Messages are the same bytes as plain gossip. Not doubly stochastic: the network
+    average is no longer preserved (the price of refusing a neighbour's pull)."""
+    blobs = [pack(s) for s in states]
+    received = [unpack(b) for b in blobs]
+    mixed = []
+    for i in range(top.n):
+        group = [i, *top.neighbors[i]]
+        got = [states[j] if j == i else received[j] for j in group]
+        kept, weights = rule(got, [1.0] * len(got), alpha, lora_rank(states[i]), fed, sents=[previous[j] for j in group])
+        mixed.append(weighted_mean(kept, [1.0] * len(kept)))
     return mixed, [[len(blobs[i])] * len(top.neighbors[i]) for i in range(top.n)]
 
 
@@ -142,6 +162,8 @@ class DecLoRA(Algorithm):
         # seed, so nothing is sent for it.
         self.public: list[AdapterState] = [ctx.initial_state] * n if self.compressor.active else []
         self.client_steps = [0] * n  # each client's own batch counter
+        if cfg.federation.robust != "none":
+            self._check_neighbourhoods(self.schedule.at(1))  # before training; time-varying graphs again each round
 
     def eval_due(self, rnd: int) -> bool:
         """Whether the engine evaluates after round ``rnd`` (same rule as the engine's loop)."""
@@ -175,6 +197,10 @@ class DecLoRA(Algorithm):
             gens = [rounding_generator(cfg.seed, rnd, i) for i in range(n)]
             self.states, self.public, sent = choco_gossip(
                 trained, self.public, top, self.compressor, cfg.gossip.gamma, gens, self._fresh_edges(rnd, top))
+        elif cfg.federation.robust != "none":
+            self._check_neighbourhoods(top)
+            self.states, sent = robust_gossip(trained, self.states, top, ROBUST[cfg.federation.robust], cfg.federation,
+                                              cfg.model.lora.alpha)
         else:
             self.states, sent = plain_gossip(trained, top)
         total = sum(sum(m) for m in sent)  # each message: sent once, received once
@@ -184,6 +210,16 @@ class DecLoRA(Algorithm):
         if cfg.gossip.eval_clients and self.eval_due(rnd):
             extra.update(self._eval_clients())
         return RoundResult(float(np.mean([r.loss for r in accepted])), total, total, sim, extra)
+
+    def _check_neighbourhoods(self, top: Topology) -> None:
+        fed = self.cfg.federation
+        if fed.robust in ("krum", "multi_krum"):
+            small = min(range(top.n), key=lambda i: len(top.neighbors[i]))
+            if len(top.neighbors[small]) + 1 <= 2 * fed.robust_f + 2:
+                raise ColoraError(f"federation.robust={fed.robust} with robust_f={fed.robust_f} needs every node's "
+                                  f"neighbourhood (itself and its neighbours) above {2 * fed.robust_f + 2}; node {small} has "
+                                  f"{len(top.neighbors[small]) + 1} (gossip.topology={self.cfg.gossip.topology}); use a denser "
+                                  "topology or a coordinate-wise rule (median, trimmed_mean)")
 
     def _eval_clients(self) -> dict[str, float]:
         # n extra evaluations of the eval split on each eval round (the costliest option here).
