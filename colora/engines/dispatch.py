@@ -11,6 +11,7 @@ transcript of replies the server already sent, so the server part never steps tw
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -171,7 +172,7 @@ class Dispatcher:
         busy.clear()
 
 
-class PoolExecutor:
+class PoolExecutor(ABC):
     """What the parallel executors share: a :class:`Dispatcher` made on first use (``dispatcher``,
     supplied by the subclass), restarts counted across it, and the executor calls routed to it."""
 
@@ -179,8 +180,9 @@ class PoolExecutor:
     _restarts = 0  # of dispatchers already closed
 
     @property
+    @abstractmethod
     def dispatcher(self) -> Dispatcher:
-        raise NotImplementedError
+        """The subclass's dispatcher, started on first use."""
 
     @property
     def restarts(self) -> int:

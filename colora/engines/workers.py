@@ -64,7 +64,7 @@ class _Processes:
     """The process transport of :class:`~colora.engines.dispatch.Dispatcher`."""
 
     def __init__(self, size: int, init: bytes):
-        self.size, self.init = size, init
+        self.size, self.init = size, json.loads(init)
         # forkserver: one clean process imports torch, transformers and peft once, and every worker is
         # forked from it, sharing those pages copy-on-write (~400 MB of imports resident once, not per
         # worker); the forkserver itself never runs a thread pool, so forking it is safe.
@@ -88,7 +88,7 @@ class _Processes:
         proc = self.ctx.Process(target=_worker_main, args=(child,), daemon=True, name=f"colora-worker-{w}")
         proc.start()
         child.close()
-        parent.send_bytes(json.dumps({**json.loads(self.init), "index": w}).encode())
+        parent.send_bytes(json.dumps({**self.init, "index": w}).encode())
         self.procs[w], self.conns[w] = proc, parent
 
     def _ready(self, w: int) -> None:

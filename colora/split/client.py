@@ -31,7 +31,7 @@ from ..config import Config, NonFiniteError
 from ..messages import decode, encode, load_moments, moments_of
 from ..train import Encoded, batch_indices, to_device
 from .cut import ModelCut
-from .parts import PartMeter, client_keys_of, party_seed, rank_layers, rng_restore, rng_snapshot
+from .parts import PartMeter, part_keys, party_seed, rank_layers, rng_restore, rng_snapshot
 
 CLIENT, SERVER = 0, 1  # the two parties' generator streams
 
@@ -59,7 +59,7 @@ class SplitClient:
         self.model, self.adapters, self.data, self.parts = model, adapters, data, parts
         self.train_cfg, self.seed, self.codec = cfg.train, cfg.seed, cfg.split.activation_dtype
         self.cut = ModelCut(model, cfg.split.layer, cfg.split.u_shaped)
-        self.keys = client_keys_of(self.cut, adapters)
+        self.keys = part_keys(self.cut, adapters, client=True)
         self.meter = PartMeter(cfg.train.precision, model)
         self._now: _Conversation | None = None
 

@@ -26,10 +26,6 @@ def part_keys(cut: ModelCut, adapters: RankedAdapters, client: bool) -> list[str
     return sorted(k for k, p in slots.params.items() if id(p) in ids)
 
 
-def client_keys_of(cut: ModelCut, adapters: RankedAdapters) -> list[str]:
-    return part_keys(cut, adapters, client=True)
-
-
 @contextlib.contextmanager
 def rank_layers(model, adapters: RankedAdapters, keys: list[str], rank: int | None) -> Iterator[None]:
     """Run the LoRA layers that own ``keys`` on the rank-``rank`` adapter (the rest: the default)."""

@@ -49,8 +49,7 @@ class SplitServer:
                 if p.shape != state[k].shape:
                     raise ColoraError(f"split: {k} has shape {tuple(state[k].shape)}, the live tensor {tuple(p.shape)}")
                 p.copy_(state[k])
-        self._job = {"client": client_id, "step": step, "opt": self._optimizer(opt_name, lr), "loss": None}
-        self._shape = (rank,)
+        self._job = {"client": client_id, "step": step, "rank": rank, "opt": self._optimizer(opt_name, lr), "loss": None}
 
     def handle(self, blob: bytes) -> tuple[bool, bytes]:
         """A client's message in; (job done, reply). Done after the cut gradient is sent."""
@@ -62,7 +61,7 @@ class SplitServer:
             return True, self._finish()
         cut_in = decode_tensor("activation", recv).to(device).requires_grad_(True)
         mask = recv["attention_mask"].long().to(device)
-        job["cut_in"], job["shape"] = cut_in, (*self._shape, *mask.shape)
+        job["cut_in"], job["shape"] = cut_in, (job["rank"], *mask.shape)
         self.model.train()
         torch.manual_seed(party_seed(self.seed, job["client"], job["step"], SERVER))
         if not cut.u_shaped:

@@ -36,6 +36,7 @@ from ..messages import decode
 from ..types import AdapterState
 from .client import job_message
 from .cut import ModelCut, SplitError
+from .parts import part_keys
 from .server import SplitServer
 from .types import SplitJob, SplitStepResult
 
@@ -66,8 +67,7 @@ class SplitTrainer:
         self.cut = ModelCut(model, cfg.split.layer, cfg.split.u_shaped)
         self.server = SplitServer(model, adapters, self.cut, cfg)
         slots = adapters.slots[adapters.default_rank]
-        client_ids = {id(p) for m in self.cut.client_modules for p in m.parameters()}
-        self.client_keys = sorted(k for k, p in slots.params.items() if id(p) in client_ids)
+        self.client_keys = part_keys(self.cut, adapters, client=True)
         self.server_keys = self.server.keys
         stray = set(slots.params) - set(self.client_keys) - set(self.server_keys)
         if stray:
