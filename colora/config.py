@@ -539,6 +539,13 @@ class EngineConfig(_Strict):
     address: str | None = Field(None, max_length=500)
     """``ray`` only: an existing cluster to join (``auto``, ``ray://host:port`` or ``host:port``); null
     starts a local Ray instance for the run."""
+    fuse: int = Field(1, ge=1, le=64)
+    """Clients trained together in ONE batched forward/backward over the shared base (colora.fused):
+    the base GEMMs run once for all their rows, each client's LoRA delta on its own rows. Results equal
+    ``fuse: 1`` (one client after another) up to floating-point order; memory grows with it (the
+    memory check caps it). Applies to every paradigm's parallel clients (fedavg, declora nodes,
+    splitlora's clients with ``split.server: per_client``); ``split.server: shared`` and ``sl`` train
+    one client after another by definition and ignore it."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     """``auto`` (CUDA when a GPU is visible, else CPU), ``cpu``, ``cuda`` or ``cuda:N``: where the model,
     batches, evaluation and split messages compute; adapter states travel between parties on the CPU."""

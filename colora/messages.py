@@ -134,3 +134,20 @@ def load_moments(opt: torch.optim.Optimizer, keys: list[str], moments: AdapterSt
     sd["state"] = state
     opt.load_state_dict(sd)
     return True
+
+
+def bundle(blobs: list[bytes]) -> bytes:
+    """Several messages as one (a fused group's tasks or results): each blob a uint8 tensor, in order."""
+    return safetensors_save({str(i): torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
+                             for i, b in enumerate(blobs)})
+
+
+def unbundle(blob: bytes) -> list[bytes]:
+    """The messages of :func:`bundle`, in order."""
+    try:
+        parts = safetensors_load(blob)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a malformed message
+        raise MessageError(f"not a message bundle: {exc}") from None
+    if sorted(parts) != sorted(str(i) for i in range(len(parts))):
+        raise MessageError("not a message bundle: its parts are not numbered 0 .. n-1")
+    return [parts[str(i)].numpy().tobytes() for i in range(len(parts))]

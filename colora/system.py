@@ -68,3 +68,31 @@ def memory_report(profiles: list[DeviceProfile], need_bytes: list[float]) -> dic
     """Per-client estimate against each profile's ``memory_gb``; ``over`` lists the clients that do not fit."""
     over = [k for k, (p, need) in enumerate(zip(profiles, need_bytes)) if need > p.memory_gb * 1e9]
     return {"need_gb": [b / 1e9 for b in need_bytes], "memory_gb": [p.memory_gb for p in profiles], "over": over}
+
+
+def available_memory(device) -> float:
+    """Bytes the executing machine can give now: free GPU memory on a CUDA device, else the host's
+    MemAvailable (the page cache it can drop counts as free)."""
+    import torch
+
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def fuse_report(shape: ModelShape, batch: int, seq: int, fuse: int, processes: int, available: float) -> dict:
+    """engine.fuse against the machine: ``processes`` executors (workers) each holding one fused pass
+    (the base is mapped once, so it counts once); ``max_fuse``: the largest K that fits."""
+    per_client = training_memory(shape, batch, seq) - shape.base_bytes
+    need = shape.base_bytes + processes * fuse * per_client
+    max_fuse = int(max(0.0, available - shape.base_bytes) // max(processes * per_client, 1.0))
+    return {"fuse": fuse, "need_gb": need / 1e9, "available_gb": available / 1e9, "max_fuse": max_fuse, "fits": need <= available}

@@ -13,13 +13,16 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from peft.tuners.lora import Linear as LoraLinear
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import AdapterSlots, RankedAdapters
 from .config import TrainConfig
 from .data import Task, TextDataset
+from .fused import FusedStep, common_width, fused_layers, fused_step, rng_snapshot
 from .messages import load_moments, moments_of
-from .types import ClientResult, ClientTask
+from .types import AdapterState, ClientResult, ClientTask
 
 _PAD_MULTIPLE = 8  # pad batches to a multiple of 8 tokens: fewer distinct shapes to FLOP-count
 
@@ -144,18 +147,34 @@ class LocalTrainer:
         self.cfg, self.seed, self.adapters = cfg, seed, adapters
         self._flops_by_shape: dict[tuple, float] = {}
 
-    def _optimizer(self, task: ClientTask, slots: AdapterSlots) -> torch.optim.Optimizer:
-        params = list(slots.params.values())
+    def _optimizer(self, task: ClientTask, params: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
         if self.cfg.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=task.lr, weight_decay=self.cfg.weight_decay)
+            opt = torch.optim.AdamW(list(params.values()), lr=task.lr, weight_decay=self.cfg.weight_decay)
         else:
-            opt = torch.optim.SGD(params, lr=task.lr, weight_decay=self.cfg.weight_decay)
+            opt = torch.optim.SGD(list(params.values()), lr=task.lr, weight_decay=self.cfg.weight_decay)
         if task.keep_optimizer and task.moments:
-            load_moments(opt, list(slots.params), task.moments)  # other shapes (the rank changed): fresh
+            load_moments(opt, list(params), task.moments)  # other shapes (the rank changed): fresh
         return opt
 
     def __call__(self, tasks: list[ClientTask]) -> list[ClientResult]:
         return [self.run(t) for t in tasks]
+
+    def _batch(self, task: ClientTask, step: int) -> dict[str, torch.Tensor]:
+        idx = batch_indices(self.parts[task.client_id], self.cfg.batch_size, step, self.seed, task.client_id)
+        batch = self.data.collate(idx)
+        if task.flip_labels:  # an attacking client poisons its own labels (colora.attacks)
+            batch["labels"] = task.flip_labels - 1 - batch["labels"]
+        return batch
+
+    def _result(self, task: ClientTask, state: AdapterState, losses: list[float], flops: float,
+                opt: torch.optim.Optimizer) -> ClientResult:
+        n = len(self.parts[task.client_id])
+        if not all(math.isfinite(v) for v in losses) or any(not torch.isfinite(t).all() for t in state.values()):
+            # a client whose training diverged sends nothing (colora.validation); central stops the run
+            return ClientResult(task.client_id, {}, n, float("nan"), flops, task.steps, None,
+                                failed="its local training produced NaN or inf")
+        moments = moments_of(opt, list(state)) if task.keep_optimizer else None
+        return ClientResult(task.client_id, state, n, float(np.mean(losses)), flops, task.steps, moments)
 
     def run(self, task: ClientTask) -> ClientResult:
         """Load the task's state, take its local steps, return the trained state."""
@@ -164,27 +183,44 @@ class LocalTrainer:
             self.adapters.merge_base(task.base_delta)
             slots = self.adapters.activate(task.rank)
         slots.load(task.state)
-        opt = self._optimizer(task, slots)
+        opt = self._optimizer(task, slots.params)
         anchor = None if task.prox_anchor is None else to_device(task.prox_anchor, self.model)
         self.model.train()
         torch.manual_seed(_torch_seed(self.seed, task.client_id, task.start_step))
         losses, flops = [], 0.0
         for step in range(task.start_step, task.start_step + task.steps):
-            idx = batch_indices(self.parts[task.client_id], self.cfg.batch_size, step, self.seed, task.client_id)
-            batch = self.data.collate(idx)
-            if task.flip_labels:  # an attacking client poisons its own labels (colora.attacks)
-                batch["labels"] = task.flip_labels - 1 - batch["labels"]
-            loss, f = self._step(to_device(batch, self.model), opt, anchor, slots)
+            loss, f = self._step(to_device(self._batch(task, step), self.model), opt, anchor, slots)
             losses.append(loss)
             flops += f
-        state = slots.get()
-        n = len(self.parts[task.client_id])
-        if not all(math.isfinite(v) for v in losses) or any(not torch.isfinite(t).all() for t in state.values()):
-            # a client whose training diverged sends nothing (colora.validation); central stops the run
-            return ClientResult(task.client_id, {}, n, float("nan"), flops, task.steps, None,
-                                failed="its local training produced NaN or inf")
-        moments = moments_of(opt, list(slots.params)) if task.keep_optimizer else None
-        return ClientResult(task.client_id, state, n, float(np.mean(losses)), flops, task.steps, moments)
+        return self._result(task, slots.get(), losses, flops, opt)
+
+    def run_fused(self, tasks: list[ClientTask]) -> list[ClientResult]:
+        """Run ``tasks`` in one batched pass per step (colora.fused); each result equals :meth:`run`'s
+        for that task up to floating-point order. Tasks that merge different base deltas (FLoRA) run
+        in separate fused groups."""
+        groups: list[list[int]] = []
+        for i, t in enumerate(tasks):
+            home = next((g for g in groups if _same_state(tasks[g[0]].base_delta, t.base_delta)), None)
+            home.append(i) if home is not None else groups.append([i])
+        out: dict[int, ClientResult] = {}
+        for g in groups:
+            results = [self.run(tasks[g[0]])] if len(g) == 1 else fused_run(self, [tasks[i] for i in g])
+            out.update(zip(g, results))
+        return [out[i] for i in range(len(tasks))]
+
+    def count_flops(self, batch: dict[str, torch.Tensor], slots: AdapterSlots) -> float:
+        """FLOPs of one sequential step of ``batch`` on ``slots``'s adapter, counted once per shape
+        (FlopCounterMode slows the pass it watches; the count depends only on the shapes)."""
+        shape = (slots.adapter, *batch["input_ids"].shape)  # LoRA FLOPs depend on the rank
+        if shape not in self._flops_by_shape:
+            device = next(self.model.parameters()).device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    FlopCounterMode(display=False) as counter:
+                self._loss(batch, None, slots).backward()
+            for p in slots.params.values():
+                p.grad = None
+            self._flops_by_shape[shape] = float(counter.get_total_flops())
+        return self._flops_by_shape[shape]
 
     def _step(self, batch, opt, anchor, slots: AdapterSlots) -> tuple[float, float]:
         shape = (slots.adapter, *batch["input_ids"].shape)  # LoRA FLOPs depend on the rank
@@ -206,11 +242,87 @@ class LocalTrainer:
     def _loss(self, batch, anchor, slots: AdapterSlots) -> torch.Tensor:
         with autocast(self.cfg.precision, self.model):
             loss = self.model(**batch).loss
-        if anchor is not None and self.cfg.prox_mu > 0:
-            # FedProx: mu/2 * ||theta - theta_global||^2 over the adapter (O(adapter) extra work).
-            prox = sum(((p - anchor[k]) ** 2).sum() for k, p in slots.params.items())
-            loss = loss + 0.5 * self.cfg.prox_mu * prox
-        return loss
+        return self.prox(loss, slots.params, anchor)
+
+    def prox(self, loss: torch.Tensor, params: dict[str, torch.Tensor], anchor: AdapterState | None) -> torch.Tensor:
+        """FedProx: ``loss`` + mu/2 * ||theta - theta_global||^2 over the adapter (O(adapter) extra work)."""
+        if anchor is None or self.cfg.prox_mu <= 0:
+            return loss
+        return loss + 0.5 * self.cfg.prox_mu * sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
+
+
+def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResult]:
+    """The local loop of :meth:`LocalTrainer.run` for several clients at once, each step one fused
+    pass (colora.fused); clients with fewer steps drop out of the later passes."""
+    model, cfg, adapters = trainer.model, trainer.cfg, trainer.adapters
+    device = next(model.parameters()).device
+    if adapters is not None:
+        adapters.merge_base(tasks[0].base_delta)
+    slots = [adapters.ensure(t.rank or adapters.default_rank) if adapters is not None else trainer.slots for t in tasks]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    params, opts, anchors, streams, scaling = [], [], [], [], []
+    for t, s in zip(tasks, slots):
+        live = {k: torch.nn.Parameter(t.state[k].to(device, copy=True)) for k in s.params}  # the client's own leaves
+        params.append(live)
+        opts.append(trainer._optimizer(t, live))
+        anchors.append(None if t.prox_anchor is None else to_device(t.prox_anchor, model))
+        torch.manual_seed(_torch_seed(trainer.seed, t.client_id, t.start_step))  # as run() seeds it
+        streams.append(rng_snapshot(device))
+        scaling.append({n: float(m.scaling[s.adapter]) for n, m in layers.items()})
+    model.train()
+    losses, flops = [[] for _ in tasks], [0.0] * len(tasks)
+    with fused_layers(model):
+        for i in range(max(t.steps for t in tasks)):
+            on = [j for j, t in enumerate(tasks) if i < t.steps]
+            batches = [to_device(trainer._batch(tasks[j], tasks[j].start_step + i), model) for j in on]
+            for j, b in zip(on, batches):
+                if adapters is not None:
+                    adapters.activate(tasks[j].rank)  # the FLOP count runs the client's own adapter
+                flops[j] += trainer.count_flops(b, slots[j])
+            widths = [b["input_ids"].shape[1] for b in batches]
+            step = FusedStep([params[j] for j in on], widths, cfg.batch_size, common_width(model, widths),
+                             [streams[j] for j in on], [scaling[j] for j in on], device)
+            inputs = _concat([{k: v for k, v in b.items() if k != "labels"} for b in batches], step.width, trainer.data.pad_id)
+            with fused_step(step), autocast(cfg.precision, model):
+                logits = model(**inputs).logits
+                per = []
+                for n, (b, j) in enumerate(zip(batches, on)):
+                    own = logits[n * step.rows:(n + 1) * step.rows]  # its rows (and, per token, its own width)
+                    own = own[:, : widths[n]] if own.ndim == 3 else own
+                    per.append(trainer.prox(client_loss(own, b["labels"]), params[j], anchors[j]))
+            torch.stack(per).sum().backward()  # client j's factors reach only its own loss
+            for n, j in enumerate(on):
+                streams[j] = step.streams[n]
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(list(params[j].values()), cfg.max_grad_norm)
+                opts[j].step()
+                opts[j].zero_grad(set_to_none=True)
+                losses[j].append(float(per[n].detach()))
+    return [trainer._result(t, {k: p.detach().to("cpu", copy=True) for k, p in params[j].items()}, losses[j], flops[j], opts[j])
+            for j, t in enumerate(tasks)]
+
+
+def client_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One client's loss from its own rows, as the Hugging Face heads compute it: next-token cross
+    entropy over scored tokens (causal LM), MSE (one regression output), or cross entropy."""
+    if labels.ndim == 2:  # causal LM: b x L x V logits, b x L targets, -100 where not scored
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(), labels.squeeze())
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+
+
+def _concat(batches: list[dict[str, torch.Tensor]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Client-major rows, each batch right-padded to ``width`` (pads are masked out of attention)."""
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+    return {k: torch.cat([pad(b[k], pad_id if k == "input_ids" else 0) for b in batches]) for k in batches[0]}
+
+
+def _same_state(a: AdapterState | None, b: AdapterState | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @torch.no_grad()

@@ -19,13 +19,13 @@ from typing import Protocol
 from tqdm import tqdm
 
 from ..config import ColoraError, NonFiniteError
-from ..messages import decode_result, encode_task
+from ..messages import bundle, decode_result, encode_task, unbundle
 from ..types import ClientResult, ClientTask
 
 # Frames: driver -> worker
-TASK, START, REPLY, ABORT = b"T", b"S", b"C", b"A"
+TASK, FUSED, START, REPLY, ABORT = b"T", b"F", b"S", b"C", b"A"
 # worker -> driver
-RESULT, MESSAGE, DONE, ERROR = b"R", b"M", b"D", b"E"
+RESULT, RESULTS, MESSAGE, DONE, ERROR = b"R", b"B", b"M", b"D", b"E"
 
 
 def handle(runtime, frame: bytes) -> bytes:
@@ -34,6 +34,8 @@ def handle(runtime, frame: bytes) -> bytes:
     try:
         if kind == TASK:
             return RESULT + runtime.run_task(body)
+        if kind == FUSED:  # engine.fuse: a group of tasks trained together (colora.fused)
+            return RESULTS + bundle(runtime.run_fused(unbundle(body)))
         if kind == START:
             return MESSAGE + runtime.split.start(body)
         if kind == REPLY:
@@ -76,8 +78,8 @@ class Transport(Protocol):
 class Dispatcher:
     """Runs tasks and split conversations over a :class:`Transport` (see the module docstring)."""
 
-    def __init__(self, transport: Transport, name: str):
-        self.transport, self.name = transport, name
+    def __init__(self, transport: Transport, name: str, fuse: int = 1):
+        self.transport, self.name, self.fuse = transport, name, fuse
         self.restarts = 0
 
     def _died(self, worker: int, what: str) -> None:
@@ -86,24 +88,29 @@ class Dispatcher:
         tqdm.write(f"colora: {self.name} worker {worker} {how} while running {what}; restarted it and reran that work")
 
     def run_tasks(self, tasks: list[ClientTask]) -> list[ClientResult]:
-        frames = [TASK + encode_task(t) for t in tasks]
+        # A unit of work: one task, or engine.fuse tasks trained together in one worker.
+        units = [list(range(i, min(i + self.fuse, len(tasks)))) for i in range(0, len(tasks), self.fuse)]
+        blobs = [encode_task(t) for t in tasks]
+        frames = [TASK + blobs[u[0]] if len(u) == 1 else FUSED + bundle([blobs[i] for i in u]) for u in units]
         results: list[ClientResult | None] = [None] * len(tasks)
-        todo, busy = deque(range(len(tasks))), {}
+        todo, busy = deque(range(len(units))), {}
         while todo or busy:
             for w in range(self.transport.size):
                 if w not in busy and todo:
                     busy[w] = todo.popleft()
                     self.transport.send(w, frames[busy[w]])
             for w, answer in self.transport.wait(list(busy)):
-                i = busy.pop(w)
+                u = busy.pop(w)
                 if answer is None:
-                    self._died(w, f"client {tasks[i].client_id}'s task")
-                    todo.appendleft(i)
+                    self._died(w, f"client {', '.join(str(tasks[i].client_id) for i in units[u])}'s task")
+                    todo.appendleft(u)
                 elif answer[:1] == ERROR:
                     self._drain(busy)
                     raise_error(answer[1:])
                 else:
-                    results[i] = decode_result(answer[1:])
+                    out = [answer[1:]] if answer[:1] == RESULT else unbundle(answer[1:])
+                    for i, blob in zip(units[u], out):
+                        results[i] = decode_result(blob)
         return results
 
     def _drain(self, busy: dict) -> None:

@@ -28,7 +28,7 @@ from ..quantize import resident_nbytes
 from ..ranks import assign_ranks, rank_rule_name
 from ..split.trainer import SplitTrainer
 from ..states import adapter_params_at
-from ..system import ModelShape, client_profiles, memory_report, training_memory
+from ..system import ModelShape, available_memory, client_profiles, fuse_report, memory_report, training_memory
 from ..train import encode, evaluate
 from .executors import make_executor
 from .runtime import ClientRuntime, load_data
@@ -163,11 +163,25 @@ class Engine:
         shapes = [per_rank[r] for r in self.ranks]
         need = [training_memory(s, cfg.train.batch_size, cfg.data.max_length) for s in shapes]
         report = memory_report([cfg.system.server] if pooled else self.devices, need)
+        if cfg.engine.fuse > 1 and not pooled:
+            report["fuse"] = self._fuse_check(max(shapes, key=lambda s: s.adapter_params))
         if report["over"] and cfg.system.enforce_memory:
             k = report["over"][0]
             raise ColoraError(f"system.enforce_memory: {len(report['over'])} of {len(need)} clients cannot hold their part of the "
                               f"model (client {k} needs ~{report['need_gb'][k]:.3g} GB, has memory_gb={report['memory_gb'][k]}); "
                               f"use a larger device profile, a smaller batch or data.max_length, or split.layer")
+        return report
+
+    def _fuse_check(self, shape: ModelShape) -> dict:
+        """engine.fuse against this machine's free memory (a fused pass holds K clients' activations
+        at once): refused before training when it would not fit."""
+        e, cfg = self.cfg.engine, self.cfg
+        processes = 1 if e.kind == "inprocess" else e.workers  # Ray actors may sit elsewhere: this host's view
+        report = fuse_report(shape, cfg.train.batch_size, cfg.data.max_length, e.fuse, processes, available_memory(self.device))
+        if not report["fits"]:
+            raise ColoraError(f"engine.fuse={e.fuse}: a fused pass needs ~{report['need_gb']:.3g} GB and this machine has "
+                              f"{report['available_gb']:.3g} GB free; use engine.fuse<={max(1, report['max_fuse'])} "
+                              "or a smaller train.batch_size or data.max_length")
         return report
 
     def system_report(self) -> dict:

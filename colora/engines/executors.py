@@ -40,11 +40,16 @@ class LocalExecutor:
 
     restarts = 0  # nothing to restart
 
-    def __init__(self, runtime: "ClientRuntime"):
-        self.runtime = runtime
+    def __init__(self, runtime: "ClientRuntime", fuse: int = 1):
+        self.runtime, self.fuse = runtime, fuse
 
     def run_tasks(self, tasks: list[ClientTask]) -> list[ClientResult]:
-        return [decode_result(self.runtime.run_task(encode_task(t))) for t in tasks]
+        if self.fuse == 1:
+            return [decode_result(self.runtime.run_task(encode_task(t))) for t in tasks]
+        out = []
+        for i in range(0, len(tasks), self.fuse):  # groups of engine.fuse clients, in task order
+            out += [decode_result(b) for b in self.runtime.run_fused([encode_task(t) for t in tasks[i:i + self.fuse]])]
+        return out
 
     def converse(self, jobs: list[bytes], serve: Callable[[int, bytes], tuple[bool, bytes]]) -> list[bytes]:
         out = []
@@ -77,4 +82,4 @@ def make_executor(cfg: Config, engine: "Engine", split: bool) -> Executor:
         from .ray_engine import RayPool
 
         return RayPool(cfg, engine, split)
-    return LocalExecutor(engine.runtime)
+    return LocalExecutor(engine.runtime, cfg.engine.fuse)

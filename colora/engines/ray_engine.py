@@ -174,7 +174,8 @@ class RayPool(PoolExecutor):
             self._connect()
             base_ref = self.ray.put(_numpy_base(self.engine.base_tensors))
             init = worker_init(self.engine, self.split, "")
-            self._dispatch = Dispatcher(_Actors(self.ray, self.cfg.engine.workers, init, base_ref, self.cfg.engine.device), "ray")
+            self._dispatch = Dispatcher(_Actors(self.ray, self.cfg.engine.workers, init, base_ref, self.cfg.engine.device), "ray",
+                                        self.cfg.engine.fuse)
         return self._dispatch
 
     def start(self) -> None:

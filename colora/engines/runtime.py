@@ -52,6 +52,11 @@ class ClientRuntime:
         """One client task's bytes in, its result's bytes out."""
         return encode_result(self.trainer.run(decode_task(blob)))
 
+    def run_fused(self, blobs: list[bytes]) -> list[bytes]:
+        """Several client tasks' bytes in, trained together in fused passes (colora.fused); their
+        results' bytes out, in order."""
+        return [encode_result(r) for r in self.trainer.run_fused([decode_task(b) for b in blobs])]
+
     @classmethod
     def from_shared_base(cls, cfg: Config, base: Path | dict[str, torch.Tensor], parts: list[np.ndarray], ranks: list[int],
                          num_labels: int, split: bool) -> "ClientRuntime":

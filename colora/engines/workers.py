@@ -144,14 +144,14 @@ class WorkerPool(PoolExecutor):
     """The ``workers`` executor: processes start at :meth:`start` (or on first use), stop at :meth:`close`."""
 
     def __init__(self, cfg: Config, engine, split: bool):
-        self.engine, self.split, self.size = engine, split, cfg.engine.workers
+        self.engine, self.split, self.size, self.fuse = engine, split, cfg.engine.workers, cfg.engine.fuse
 
     def start(self) -> None:
         """Start the workers without waiting for them: they build their runtimes while the driver
         goes on (e.g. with the round-0 evaluation)."""
         if self._dispatch is None:
             init = worker_init(self.engine, self.split, str(self.engine.shared.path))
-            self._dispatch = Dispatcher(_Processes(self.size, init), "workers")
+            self._dispatch = Dispatcher(_Processes(self.size, init), "workers", self.fuse)
 
     @property
     def dispatcher(self) -> Dispatcher:

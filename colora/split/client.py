@@ -28,10 +28,11 @@ import torch
 from ..adapters import RankedAdapters
 from ..codecs import decode_tensor, encode_tensor, pack, unpack
 from ..config import Config, NonFiniteError
+from ..fused import rng_restore, rng_snapshot
 from ..messages import decode, encode, load_moments, moments_of
 from ..train import Encoded, batch_indices, to_device
 from .cut import ModelCut
-from .parts import PartMeter, part_keys, party_seed, rank_layers, rng_restore, rng_snapshot
+from .parts import PartMeter, part_keys, party_seed, rank_layers
 
 CLIENT, SERVER = 0, 1  # the two parties' generator streams
 

@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..adapters import RankedAdapters
@@ -63,14 +62,3 @@ class PartMeter:
 
     def total(self, pieces: tuple[str, ...], shape: tuple) -> float:
         return sum(self.flops.get((p, shape), 0.0) for p in pieces)
-
-
-def rng_snapshot(device: torch.device) -> tuple:
-    """The global generators' state (CPU, and the device's when it is a GPU)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def rng_restore(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)

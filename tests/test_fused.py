@@ -1,0 +1,156 @@
+"""``engine.fuse``: K clients trained in one batched pass over the shared base (colora.fused) give
+the sequential results: every client's trained state, optimizer moments, loss and FLOPs, and whole
+runs' eval losses, on every paradigm with parallel clients, with and without mixed ranks.
+
+The base models' dropout stays ON in these tests (tiny models: 0.1), so they also check that every
+client draws its own masks, at its own width, from its own stream: a fused pass that shared one
+stream changes the trained states by ~0.3 (the last test shows a run is sensitive to the masks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colora.engines import Engine
+from colora.experiment import run_experiment
+from colora.messages import MessageError, bundle, unbundle
+from colora.types import ClientTask
+
+from .conftest import cli_error, read_rows, tiny_config, tiny_raw, write_e2e, write_glue
+
+SMALL = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=32, clients__num=4,
+             train__optimizer="adamw")
+
+
+def _tasks(engine: Engine, ranks: list[int], **extra) -> list[ClientTask]:
+    """Three clients from perturbed seeded states (B != 0, so LoRA is live from the first step),
+    with different start steps and step counts, one with a FedProx anchor, all keeping moments."""
+    g = torch.Generator().manual_seed(5)
+    tasks = []
+    for c, r in enumerate(ranks):
+        state = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in engine.adapters.initial_state(r).items()}
+        tasks.append(ClientTask(c, state, start_step=c, steps=3 + (c == 1), lr=0.05, rank=r, keep_optimizer=True,
+                                prox_anchor=engine.adapters.initial_state(r) if c == 2 else None, **extra))
+    return tasks
+
+
+def _assert_same(seq, fused, tasks, tol=1e-5):
+    for a, b, t in zip(seq, fused, tasks):
+        assert a.client_id == b.client_id == t.client_id
+        assert a.state.keys() == b.state.keys() and a.moments.keys() == b.moments.keys()
+        moved = max((a.state[k] - t.state[k]).abs().max().item() for k in a.state)
+        assert moved > 1e-3  # the clients really trained
+        for k in a.state:
+            torch.testing.assert_close(b.state[k], a.state[k], rtol=0, atol=tol)
+        for k in a.moments:
+            torch.testing.assert_close(b.moments[k].float(), a.moments[k].float(), rtol=0, atol=tol)
+        assert b.loss == pytest.approx(a.loss, abs=tol)
+        assert (b.flops, b.steps, b.num_samples) == (a.flops, a.steps, a.num_samples)
+
+
+TRAINER_CASES = {
+    "tiny-bert": {},
+    "mixed-ranks": dict(federation__aggregator="zero_pad", federation__ranks=[2, 4, 8, 4]),
+    "bf16": dict(train__precision="bf16"),
+    "sgd-clip": dict(train__optimizer="sgd", train__max_grad_norm=1.0, train__prox_mu=0.5),
+    "tiny-gpt2": dict(model__name="tiny-gpt2"),
+    "tiny-llama": dict(model__name="tiny-llama", model__dropout=0.1),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINER_CASES))
+def test_a_fused_group_trains_each_client_as_alone(case):
+    over = TRAINER_CASES[case]
+    cfg = tiny_config(**{**SMALL, **over})
+    with Engine(cfg) as engine:
+        trainer = engine.runtime.trainer
+        tasks = _tasks(engine, over.get("federation__ranks", [8, 8, 8, 8])[:3])
+        seq = [trainer.run(t) for t in tasks]
+        fused = trainer.run_fused(tasks)
+    _assert_same(seq, fused, tasks, tol=1e-2 if case == "bf16" else 1e-5)
+
+
+def test_fused_labels_regression_and_label_flip(tmp_path):
+    """STS-B (one regression output) and an attacker's flipped labels go through the fused loss."""
+    root = tmp_path / "glue"
+    write_glue(root, "STS-B")
+    cfg = tiny_config(**{**SMALL, "clients__num": 3}, data__name="glue/stsb", data__path=str(root / "STS-B"))
+    with Engine(cfg) as engine:
+        tasks = _tasks(engine, [8, 8, 8])
+        trainer = engine.runtime.trainer
+        _assert_same([trainer.run(t) for t in tasks], trainer.run_fused(tasks), tasks)
+    cfg = tiny_config(**SMALL)
+    with Engine(cfg) as engine:
+        tasks = _tasks(engine, [8, 8, 8], flip_labels=engine.task.num_labels)
+        trainer = engine.runtime.trainer
+        _assert_same([trainer.run(t) for t in tasks], trainer.run_fused(tasks), tasks)
+
+
+def test_fused_causal_lm(tmp_path):
+    """Next-token loss per client over its own scored tokens, at its own width (E2E on tiny-gpt2)."""
+    data = write_e2e(tmp_path / "e2e")
+    cfg = tiny_config(**{**SMALL, "clients__num": 3, "data__max_length": 64}, model__name="tiny-gpt2",
+                      model__task="causal-lm", data__name="e2e", data__path=str(data))
+    with Engine(cfg) as engine:
+        tasks = _tasks(engine, [8, 8, 8])
+        trainer = engine.runtime.trainer
+        _assert_same([trainer.run(t) for t in tasks], trainer.run_fused(tasks), tasks)
+
+
+RUN = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=32, rounds=2, clients__num=4,
+           clients__per_round=4, train__local_steps=2, train__lr=0.05)
+RUN_CASES = {
+    "fedavg-fedit-prox-fedadam": dict(train__prox_mu=0.1, federation__server_optimizer="fedadam", federation__server_lr=0.01),
+    "fedavg-zero_pad-mixed-keep": dict(federation__aggregator="zero_pad", federation__ranks=[2, 4, 8, 4],
+                                       train__optimizer="adamw", train__client_optimizer="keep"),
+    "fedavg-stack-mixed": dict(federation__aggregator="stack", federation__ranks=[2, 4, 8, 4]),  # FLoRA: merged base
+    "fedavg-hlora": dict(federation__aggregator="hlora"),
+    "declora-choco": dict(algorithm="declora", gossip__topology="ring", gossip__quantize_bits=4),
+}
+
+
+def _run(tmp_path, name: str, **over) -> list[float]:
+    run_experiment(tiny_config(**RUN, **over), tmp_path / name)
+    return [r["eval/loss"] for r in read_rows(tmp_path / name)]
+
+
+@pytest.mark.parametrize("case", list(RUN_CASES))
+def test_fused_runs_equal_sequential_runs(tmp_path, case):
+    seq = _run(tmp_path, "seq", **RUN_CASES[case])
+    fused = _run(tmp_path, "fused", **RUN_CASES[case], engine__fuse=3)  # groups of 3 and 1 (4 clients a round)
+    assert fused == pytest.approx(seq, abs=1e-5)
+    assert abs(seq[-1] - seq[0]) > 1e-3  # the run moved
+
+
+def test_fused_on_workers_equals_inprocess(tmp_path):
+    case = RUN_CASES["fedavg-zero_pad-mixed-keep"]
+    seq = _run(tmp_path, "seq", **case)
+    fused = _run(tmp_path, "fused", **case, engine__fuse=2, engine__kind="workers", engine__workers=2)
+    assert fused == pytest.approx(seq, abs=1e-5)
+    summary = (tmp_path / "fused" / "system.json").read_text()
+    assert '"fuse"' in summary and '"max_fuse"' in summary
+
+
+def test_the_masks_matter(tmp_path):
+    """The base model's dropout matters to these runs: turned off, the eval losses move by far more
+    than the tolerance, so a fused pass that drew other masks would fail the equalities above."""
+    on = _run(tmp_path, "on", **RUN_CASES["fedavg-hlora"])
+    off = _run(tmp_path, "off", **RUN_CASES["fedavg-hlora"], model__dropout=0.0)
+    assert max(abs(a - b) for a, b in zip(on[1:], off[1:])) > 1e-4
+
+
+def test_bundles_round_trip_and_refuse_garbage():
+    blobs = [b"", b"abc", bytes(range(256))]
+    assert unbundle(bundle(blobs)) == blobs
+    with pytest.raises(MessageError):
+        unbundle(b"not a bundle")
+
+
+def test_fuse_settings_are_checked(tmp_path, capsys):
+    raw, _ = tiny_raw()
+    err = cli_error(tmp_path, capsys, raw, ["engine.fuse=0"])
+    assert "engine.fuse" in err
+    # 64 clients of batch 512 x 512 tokens at once cannot fit in this machine's memory: refused up front
+    err = cli_error(tmp_path, capsys, raw, ["engine.fuse=64", "train.batch_size=512", "data.max_length=512"])
+    assert "engine.fuse=64" in err and "engine.fuse<=" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
