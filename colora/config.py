@@ -542,10 +542,11 @@ class EngineConfig(_Strict):
     fuse: int = Field(1, ge=1, le=64)
     """Clients trained together in ONE batched forward/backward over the shared base (colora.fused):
     the base GEMMs run once for all their rows, each client's LoRA delta on its own rows. Results equal
-    ``fuse: 1`` (one client after another) up to floating-point order; memory grows with it (the
-    memory check caps it). Applies to every paradigm's parallel clients (fedavg, declora nodes,
-    splitlora's clients with ``split.server: per_client``); ``split.server: shared`` and ``sl`` train
-    one client after another by definition and ignore it."""
+    ``fuse: 1`` (one client after another) up to floating-point order; a fused pass holds K clients'
+    activations (refused before training when this machine's free memory cannot hold them). Applies
+    to the parallel clients of fedavg and declora and to splitlora with ``split.server: per_client``
+    (client parts and server copies both fused); ``split.server: shared`` and ``sl`` train one client
+    after another by definition and ignore it. Pays on a GPU; on a CPU see the README's benchmark."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     """``auto`` (CUDA when a GPU is visible, else CPU), ``cpu``, ``cuda`` or ``cuda:N``: where the model,
     batches, evaluation and split messages compute; adapter states travel between parties on the CPU."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
@@ -67,8 +67,7 @@ class FusedStep:
     streams: list[tuple]  # per active client: its dropout generator state
     scaling: list[dict[str, float]]  # per active client: LoRA scaling by layer prefix (alpha / rank)
     device: torch.device
-    current: int | None = None  # the client whose rows alone are in flight (head, attention core)
-    _narrow_cache: dict = field(default_factory=dict)
+    current: int | None = None  # the client whose rows alone are in flight (the head)
 
     @contextlib.contextmanager
     def client(self, j: int) -> Iterator[None]:
@@ -81,14 +80,17 @@ class FusedStep:
             self.streams[j] = rng_snapshot(self.device)
             self.current = before
 
-    def own(self, t: torch.Tensor, j: int) -> tuple:
-        """The index of client ``j``'s own region in ``t`` (its rows, when ``t`` holds all clients',
-        and its own width on every dimension of size ``L``)."""
-        rows = slice(None) if self.current is not None else slice(j * self.rows, (j + 1) * self.rows)
-        return (rows, *(slice(0, self.widths[j]) if n == self.width else slice(None) for n in t.shape[1:]))
+    def narrow(self, shape: torch.Size, j: int) -> tuple:
+        """Client ``j``'s own width in one client's block of shape ``shape``: every dimension of size
+        ``L`` but the first cut to the client's width."""
+        return (slice(None), *(slice(0, self.widths[j]) if n == self.width else slice(None) for n in shape[1:]))
 
-    def segments(self) -> range:
-        return range(len(self.params)) if self.current is None else range(self.current, self.current + 1)
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """``t``'s rows per client (views; their backward is one concatenation, not K scatters)."""
+        return [t] if self.current is not None else list(t.split(self.rows))
+
+    def segments(self) -> list[int]:
+        return list(range(len(self.params))) if self.current is None else [self.current]
 
 
 _STEP: FusedStep | None = None  # the fused step in flight (None: every patched layer runs as peft wrote it)
@@ -99,12 +101,14 @@ def _dropout_forward(module: torch.nn.Dropout):
         step = _STEP
         if step is None or not module.training or module.p == 0:
             return F.dropout(x, module.p, module.training, module.inplace)
-        out = x.clone()
-        for j in step.segments():
-            idx = step.own(x, j)
+        # The scaled mask of each client's own region, drawn by the very kernel a sequential dropout
+        # of that shape runs (dropout of ones = mask / (1 - p)); 1 on padding. No autograd on it.
+        noise = torch.ones_like(x)
+        for j, block in zip(step.segments(), step.split(noise)):
+            idx = step.narrow(block.shape, j)
             with step.client(j) if step.current is None else contextlib.nullcontext():
-                out[idx] = F.dropout(x[idx], module.p, True)
-        return out
+                block[idx] = F.dropout(torch.ones(block[idx].shape, dtype=x.dtype, device=x.device), module.p, True)
+        return x * noise
     return forward
 
 
@@ -116,12 +120,12 @@ def _lora_forward(layer: LoraLinear, prefix: str, original):
         if step is None:
             return original(x, *args, **kwargs)
         result = layer.base_layer(x, *args, **kwargs)  # the frozen GEMM, once for all K clients' rows
-        clients = list(step.segments())
+        clients = step.segments()
         a = [step.params[j][f"{prefix}.lora_A.weight"] for j in clients]  # r_k x d_in
         b = [step.params[j][f"{prefix}.lora_B.weight"] for j in clients]  # d_out x r_k
         r_max = max(t.shape[0] for t in a)
-        a = torch.stack([F.pad(t, (0, 0, 0, r_max - t.shape[0])) for t in a])  # K x r_max x d_in
-        b = torch.stack([F.pad(t, (0, r_max - t.shape[1])) for t in b])  # K x d_out x r_max
+        a = torch.stack([t if t.shape[0] == r_max else F.pad(t, (0, 0, 0, r_max - t.shape[0])) for t in a])  # K x r_max x d_in
+        b = torch.stack([t if t.shape[1] == r_max else F.pad(t, (0, r_max - t.shape[1])) for t in b])  # K x d_out x r_max
         scale = torch.tensor([step.scaling[j][prefix] for j in clients], device=x.device).view(-1, 1, 1)
         xd = dropout(x).reshape(len(clients), -1, x.shape[-1])  # K x (b·L) x d_in
         delta = torch.bmm(torch.bmm(xd.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2)) * scale  # K x (b·L) x d_out
@@ -138,11 +142,10 @@ def _head_forward(wrapper: ModulesToSaveWrapper, prefix: str, original):
         if step is None:
             return original(x, *args, **kwargs)
         outs = []
-        for j in step.segments():
-            rows = step.own(x, j)[0]
+        for j, rows in zip(step.segments(), step.split(x)):
             params = {n: step.params[j][f"{prefix}.{n}"] for n in names}
             with step.client(j) if step.current is None else contextlib.nullcontext():
-                outs.append(torch.func.functional_call(module, params, (x[rows], *args), kwargs))
+                outs.append(torch.func.functional_call(module, params, (rows, *args), kwargs))
         return torch.cat(outs)
     return forward
 
@@ -152,16 +155,17 @@ def _attention(original_for):
         step, original = _STEP, original_for(module)
         if step is None or step.current is not None:
             return original(module, query, key, value, attention_mask, **kwargs)
+        # B x heads x L x d -> each client's rows at its own width; one mask may serve every row
+        masks = [None] * len(step.params) if attention_mask is None else (
+            step.split(attention_mask) if attention_mask.shape[0] > 1 else [attention_mask] * len(step.params))
         outs = []
-        for j in step.segments():  # B x heads x L x d -> the client's rows at its own width
-            q, k, v = (t[step.own(t, j)] for t in (query, key, value))
-            mask = attention_mask
-            if mask is not None:  # B x 1 x L x L, or 1 x ... when one mask serves every row
-                mask = mask[step.own(mask, j)] if mask.shape[0] > 1 else mask[(slice(None), *step.own(mask, j)[1:])]
+        for j, q, k, v, mask in zip(step.segments(), step.split(query), step.split(key), step.split(value), masks):
+            own = step.narrow(q.shape, j)
             with step.client(j):
-                out, _ = original(module, q, k, v, mask, **kwargs)  # b x L_k x heads x d
-            outs.append(torch.cat([out, out.new_zeros(out.shape[0], step.width - out.shape[1], *out.shape[2:])], 1))
-        return torch.cat(outs), None
+                out, _ = original(module, q[own], k[own], v[own], None if mask is None else mask[step.narrow(mask.shape, j)],
+                                  **kwargs)  # b x L_k x heads x d
+            outs.append(out)
+        return pad_width(outs, step.width), None
     return attention
 
 
@@ -181,6 +185,25 @@ def common_width(model, widths: list[int]) -> int:
         raise ColoraError(f"a fused batch of width {width} exceeds the model's {limit} positions; "
                           f"lower data.max_length below {limit} or set engine.fuse=1")
     return width
+
+
+def concat_batches(batches: list[dict[str, torch.Tensor]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Client-major rows, each batch right-padded to ``width`` (pads are masked out of attention;
+    token labels padded with -100, i.e. not scored)."""
+    pads = {"input_ids": pad_id, "labels": -100}
+    return {k: torch.cat([F.pad(b[k], (0, width - b[k].shape[1]), value=pads.get(k, 0)) if b[k].ndim > 1 else b[k]
+                          for b in batches]) for k in batches[0]}
+
+
+def pad_width(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Per-client ``b x L_k x ...`` blocks (activations, their gradients) padded to ``width`` and
+    concatenated: the layout of a fused pass."""
+    return torch.cat([F.pad(t, (0, 0) * (t.ndim - 2) + (0, width - t.shape[1])) for t in tensors])
+
+
+def lora_scaling(model, adapter: str) -> dict[str, float]:
+    """Each LoRA layer's scaling (alpha / rank) for peft adapter ``adapter``, by layer name."""
+    return {n: float(m.scaling[adapter]) for n, m in model.named_modules() if isinstance(m, LoraLinear) and adapter in m.scaling}
 
 
 @contextlib.contextmanager

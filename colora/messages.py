@@ -137,17 +137,26 @@ def load_moments(opt: torch.optim.Optimizer, keys: list[str], moments: AdapterSt
 
 
 def bundle(blobs: list[bytes]) -> bytes:
-    """Several messages as one (a fused group's tasks or results): each blob a uint8 tensor, in order."""
-    return safetensors_save({str(i): torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
-                             for i, b in enumerate(blobs)})
+    """Several messages as one (a fused group's tasks, results or split messages): each blob a uint8
+    tensor, in order; the header marks it as a bundle (:func:`is_bundle`)."""
+    parts = {str(i): torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
+             for i, b in enumerate(blobs)}
+    return safetensors_save(parts, metadata={"colora": json.dumps({"kind": "bundle", "size": len(blobs)})})
+
+
+def is_bundle(blob: bytes) -> bool:
+    """Whether ``blob`` is a :func:`bundle` (read from its header only)."""
+    try:
+        return header(blob).get("kind") == "bundle"
+    except MessageError:
+        return False
 
 
 def unbundle(blob: bytes) -> list[bytes]:
     """The messages of :func:`bundle`, in order."""
-    try:
-        parts = safetensors_load(blob)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a malformed message
-        raise MessageError(f"not a message bundle: {exc}") from None
-    if sorted(parts) != sorted(str(i) for i in range(len(parts))):
-        raise MessageError("not a message bundle: its parts are not numbered 0 .. n-1")
+    if not is_bundle(blob):
+        raise MessageError(f"not a message bundle ({len(blob)} bytes)")
+    parts = safetensors_load(blob)
+    if sorted(parts) != sorted(str(i) for i in range(header(blob)["size"])):
+        raise MessageError("a message bundle whose parts are not numbered 0 .. n-1")
     return [parts[str(i)].numpy().tobytes() for i in range(len(parts))]

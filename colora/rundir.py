@@ -137,7 +137,7 @@ def check_pins(cfg: Config, run_dir: Path) -> None:
 RESUMABLE_KEYS = ("rounds", "train.lr", "train.lr_schedule", "train.warmup_rounds", "train.max_grad_norm",
                   "federation.server_lr", "eval.every", "eval.generate", "log.progress", "log.tensorboard",
                   # where client work runs never changes what it computes (tests/test_engines.py)
-                  "engine.kind", "engine.workers", "engine.address", "engine.device")
+                  "engine.kind", "engine.workers", "engine.address", "engine.device", "engine.fuse")
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict]:

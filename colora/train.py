@@ -13,14 +13,13 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from peft.tuners.lora import Linear as LoraLinear
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import AdapterSlots, RankedAdapters
 from .config import TrainConfig
 from .data import Task, TextDataset
-from .fused import FusedStep, common_width, fused_layers, fused_step, rng_snapshot
+from .fused import FusedStep, common_width, concat_batches, fused_layers, fused_step, lora_scaling, rng_snapshot
 from .messages import load_moments, moments_of
 from .types import AdapterState, ClientResult, ClientTask
 
@@ -259,7 +258,6 @@ def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResu
     if adapters is not None:
         adapters.merge_base(tasks[0].base_delta)
     slots = [adapters.ensure(t.rank or adapters.default_rank) if adapters is not None else trainer.slots for t in tasks]
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
     params, opts, anchors, streams, scaling = [], [], [], [], []
     for t, s in zip(tasks, slots):
         live = {k: torch.nn.Parameter(t.state[k].to(device, copy=True)) for k in s.params}  # the client's own leaves
@@ -268,7 +266,7 @@ def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResu
         anchors.append(None if t.prox_anchor is None else to_device(t.prox_anchor, model))
         torch.manual_seed(_torch_seed(trainer.seed, t.client_id, t.start_step))  # as run() seeds it
         streams.append(rng_snapshot(device))
-        scaling.append({n: float(m.scaling[s.adapter]) for n, m in layers.items()})
+        scaling.append(lora_scaling(model, s.adapter))
     model.train()
     losses, flops = [[] for _ in tasks], [0.0] * len(tasks)
     with fused_layers(model):
@@ -282,7 +280,7 @@ def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResu
             widths = [b["input_ids"].shape[1] for b in batches]
             step = FusedStep([params[j] for j in on], widths, cfg.batch_size, common_width(model, widths),
                              [streams[j] for j in on], [scaling[j] for j in on], device)
-            inputs = _concat([{k: v for k, v in b.items() if k != "labels"} for b in batches], step.width, trainer.data.pad_id)
+            inputs = concat_batches([{k: v for k, v in b.items() if k != "labels"} for b in batches], step.width, trainer.data.pad_id)
             with fused_step(step), autocast(cfg.precision, model):
                 logits = model(**inputs).logits
                 per = []
@@ -310,13 +308,6 @@ def client_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if logits.shape[-1] == 1:
         return F.mse_loss(logits.squeeze(), labels.squeeze())
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
-
-
-def _concat(batches: list[dict[str, torch.Tensor]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Client-major rows, each batch right-padded to ``width`` (pads are masked out of attention)."""
-    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-        return F.pad(t, (0, width - t.shape[1]), value=value)
-    return {k: torch.cat([pad(b[k], pad_id if k == "input_ids" else 0) for b in batches]) for k in batches[0]}
 
 
 def _same_state(a: AdapterState | None, b: AdapterState | None) -> bool:

@@ -8,12 +8,18 @@ stream changes the trained states by ~0.3 (the last test shows a run is sensitiv
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+
 import pytest
 import torch
 
+from colora.cli import main
 from colora.engines import Engine
 from colora.experiment import run_experiment
 from colora.messages import MessageError, bundle, unbundle
+from colora.split.group import ServerGroup
 from colora.types import ClientTask
 
 from .conftest import cli_error, read_rows, tiny_config, tiny_raw, write_e2e, write_glue
@@ -106,6 +112,13 @@ RUN_CASES = {
     "fedavg-stack-mixed": dict(federation__aggregator="stack", federation__ranks=[2, 4, 8, 4]),  # FLoRA: merged base
     "fedavg-hlora": dict(federation__aggregator="hlora"),
     "declora-choco": dict(algorithm="declora", gossip__topology="ring", gossip__quantize_bits=4),
+    # split: the clients' parts fused, and the per-client server copies fused
+    "splitlora-per_client": dict(algorithm="splitlora", split__layer=2, split__server="per_client"),
+    "splitlora-per_client-u_shaped-mixed-keep": dict(
+        algorithm="splitlora", split__layer=2, split__server="per_client", split__u_shaped=True,
+        federation__aggregator="svd", federation__ranks=[2, 4, 8, 4], train__optimizer="adamw", train__client_optimizer="keep"),
+    "splitlora-per_client-gpt2-bf16-activations": dict(algorithm="splitlora", split__layer=1, split__server="per_client",
+                                                        model__name="tiny-gpt2", split__activation_dtype="bf16"),
 }
 
 
@@ -114,21 +127,32 @@ def _run(tmp_path, name: str, **over) -> list[float]:
     return [r["eval/loss"] for r in read_rows(tmp_path / name)]
 
 
+def _rows(tmp_path, name: str, **over) -> list[dict]:
+    run_experiment(tiny_config(**RUN, **over), tmp_path / name)
+    return read_rows(tmp_path / name)
+
+
 @pytest.mark.parametrize("case", list(RUN_CASES))
 def test_fused_runs_equal_sequential_runs(tmp_path, case):
+    seq = _rows(tmp_path, "seq", **RUN_CASES[case])
+    fused = _rows(tmp_path, "fused", **RUN_CASES[case], engine__fuse=3)  # groups of 3 and 1 (4 clients a round)
+    loss = [r["eval/loss"] for r in seq]
+    assert [r["eval/loss"] for r in fused] == pytest.approx(loss, abs=1e-5)
+    assert [r["train_loss"] for r in fused[1:]] == pytest.approx([r["train_loss"] for r in seq[1:]], abs=1e-5)
+    assert abs(loss[-1] - loss[0]) > 1e-3  # the run moved
+    # bytes are counted per client message and FLOPs per client's own pass: the cost model agrees
+    for key in ("bytes_up", "bytes_down", "sim_time_s"):
+        assert [r[key] for r in fused] == [r[key] for r in seq], key
+
+
+@pytest.mark.parametrize("case", ["fedavg-zero_pad-mixed-keep", "splitlora-per_client-u_shaped-mixed-keep"])
+def test_fused_on_workers_equals_inprocess(tmp_path, case):
+    """Workers get a fused group as one bundled task, or one bundled split conversation."""
     seq = _run(tmp_path, "seq", **RUN_CASES[case])
-    fused = _run(tmp_path, "fused", **RUN_CASES[case], engine__fuse=3)  # groups of 3 and 1 (4 clients a round)
+    fused = _run(tmp_path, "fused", **RUN_CASES[case], engine__fuse=2, engine__kind="workers", engine__workers=2)
     assert fused == pytest.approx(seq, abs=1e-5)
-    assert abs(seq[-1] - seq[0]) > 1e-3  # the run moved
-
-
-def test_fused_on_workers_equals_inprocess(tmp_path):
-    case = RUN_CASES["fedavg-zero_pad-mixed-keep"]
-    seq = _run(tmp_path, "seq", **case)
-    fused = _run(tmp_path, "fused", **case, engine__fuse=2, engine__kind="workers", engine__workers=2)
-    assert fused == pytest.approx(seq, abs=1e-5)
-    summary = (tmp_path / "fused" / "system.json").read_text()
-    assert '"fuse"' in summary and '"max_fuse"' in summary
+    memory = json.loads((tmp_path / "fused" / "system.json").read_text())["memory"]["fuse"]
+    assert memory["fuse"] == 2 and memory["fits"] and memory["max_fuse"] >= 2
 
 
 def test_the_masks_matter(tmp_path):
@@ -154,3 +178,38 @@ def test_fuse_settings_are_checked(tmp_path, capsys):
     err = cli_error(tmp_path, capsys, raw, ["engine.fuse=64", "train.batch_size=512", "data.max_length=512"])
     assert "engine.fuse=64" in err and "engine.fuse<=" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_with_another_fuse_ends_equal(tmp_path):
+    case = RUN_CASES["fedavg-zero_pad-mixed-keep"]
+    seq = _run(tmp_path, "seq", **case)
+    part = run_experiment(tiny_config(**RUN, **case), out=str(tmp_path / "part"), stop_after=1)
+    assert main(["run", "--resume", str(part), "--set", "engine.fuse=4"]) == 0
+    assert [r["eval/loss"] for r in read_rows(part)] == pytest.approx(seq, abs=1e-5)
+
+
+def test_a_worker_killed_mid_fused_split_group_is_replayed(tmp_path, capsys):
+    """Kill -9 the worker holding a fused group's client parts after the server answered the group:
+    the new worker replays the group's conversation from the transcript and the run does not change."""
+    case = RUN_CASES["splitlora-per_client-u_shaped-mixed-keep"]
+    with Engine(tiny_config(**RUN, **case)) as ref, \
+            Engine(tiny_config(**RUN, **case, engine__kind="workers", engine__workers=2, engine__fuse=2)) as eng:
+        handle, calls = ServerGroup.handle, []
+
+        def kill_after_first_answer(group, blob):
+            out = handle(group, blob)
+            calls.append(1)
+            if len(calls) == 1:  # the worker of group 0 now waits for this reply: kill it
+                os.kill(eng.executor.pids()[0], signal.SIGKILL)
+                eng.executor.dispatcher.transport.procs[0].join(10)
+            return out
+        ref.algorithm.run_round(1)
+        ServerGroup.handle = kill_after_first_answer
+        try:
+            eng.algorithm.run_round(1)
+        finally:
+            ServerGroup.handle = handle
+        assert eng.executor.dispatcher.restarts == 1
+        for k, v in eng.algorithm.global_state().items():
+            torch.testing.assert_close(v, ref.algorithm.global_state()[k], rtol=0, atol=1e-6)
+    assert capsys.readouterr().out.count("colora: workers worker 0 (pid") == 1

@@ -29,12 +29,11 @@ from ..adapters import RankedAdapters
 from ..codecs import decode_tensor, encode_tensor, pack, unpack
 from ..config import Config, NonFiniteError
 from ..fused import rng_restore, rng_snapshot
-from ..messages import decode, encode, load_moments, moments_of
+from ..messages import decode, encode, is_bundle, load_moments, moments_of, unbundle
 from ..train import Encoded, batch_indices, to_device
 from .cut import ModelCut
-from .parts import PartMeter, part_keys, party_seed, rank_layers
-
-CLIENT, SERVER = 0, 1  # the two parties' generator streams
+from .group import ClientGroup
+from .parts import CLIENT, PartMeter, part_keys, party_seed, rank_layers
 
 
 @dataclass
@@ -63,9 +62,14 @@ class SplitClient:
         self.keys = part_keys(self.cut, adapters, client=True)
         self.meter = PartMeter(cfg.train.precision, model)
         self._now: _Conversation | None = None
+        self._group: ClientGroup | None = None
 
     def start(self, blob: bytes) -> bytes:
-        """A job message in; the uplink (activation, mask, and labels unless U-shaped) out."""
+        """A job message in; the uplink (activation, mask, and labels unless U-shaped) out. A bundle
+        of job messages is a fused group (colora.split.group): a bundle of uplinks comes out."""
+        if is_bundle(blob):
+            self._group = ClientGroup(self, unbundle(blob))
+            return self._group.start()
         scalars, groups = decode(blob, "split_job")
         k, step, rank, lr = scalars["client_id"], scalars["step"], scalars["rank"], scalars["lr"]
         stack = contextlib.ExitStack()
@@ -96,6 +100,10 @@ class SplitClient:
     def reply(self, blob: bytes) -> tuple[bool, bytes]:
         """The server's message in; (done, next message): the head's gradient up (U-shaped, on the
         last hidden state), or, on the cut gradient, the result message."""
+        if self._group is not None:
+            done, message = self._group.reply(blob)
+            self._group = None if done else self._group
+            return done, message
         now = self._now
         if now is None:
             raise ValueError("split client: reply() without a conversation started")
@@ -129,6 +137,7 @@ class SplitClient:
 
     def abort(self) -> None:
         """Drop a conversation cut short (its peer failed); the model is free again."""
+        self._group = None
         if self._now is not None:
             self._now.stack.close()
             self._now = None

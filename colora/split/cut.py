@@ -219,7 +219,10 @@ class ModelCut:
 
     def head_loss(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Task head on the last hidden state, then the loss Hugging Face's model would compute."""
-        logits = self.family.logits(hidden, attention_mask)
+        return self.loss(self.family.logits(hidden, attention_mask), labels)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss Hugging Face's model computes from the head's logits."""
         if self.causal_lm:
             return ForCausalLMLoss(logits, labels, vocab_size=self.hf.config.vocab_size)
         return ForSequenceClassificationLoss(labels, logits, self.hf.config)

@@ -12,6 +12,8 @@ from ..adapters import RankedAdapters
 from ..train import autocast
 from .cut import ModelCut
 
+CLIENT, SERVER = 0, 1  # the two parties' generator streams
+
 
 def party_seed(seed: int, client: int, step: int, party: int) -> int:
     """The dropout stream of one party (0: client, 1: server) for ``client``'s step ``step``."""

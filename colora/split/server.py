@@ -18,9 +18,7 @@ from ..codecs import decode_tensor, encode_tensor, pack, unpack
 from ..config import ColoraError, Config, NonFiniteError
 from ..types import AdapterState
 from .cut import ModelCut
-from .parts import PartMeter, part_keys, party_seed
-
-SERVER = 1
+from .parts import SERVER, PartMeter, part_keys, party_seed
 
 
 class SplitServer:
@@ -31,6 +29,7 @@ class SplitServer:
         self.train_cfg, self.seed = cfg.train, cfg.seed
         self.keys = part_keys(cut, adapters, client=False)
         self.live = adapters.live(self.keys)
+        self.adapter = adapters.slots[adapters.default_rank].adapter  # the server part runs the run's own rank
         self.meter = PartMeter(cfg.train.precision, model)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.pending_optimizer_states: dict[str, dict] = {}  # restored on first use after a resume

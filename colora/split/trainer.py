@@ -32,10 +32,11 @@ import numpy as np
 
 from ..adapters import RankedAdapters
 from ..config import Config
-from ..messages import decode
+from ..messages import bundle, decode, unbundle
 from ..types import AdapterState
 from .client import job_message
 from .cut import ModelCut, SplitError
+from .group import ServerGroup
 from .parts import part_keys
 from .server import SplitServer
 from .types import SplitJob, SplitStepResult
@@ -63,7 +64,7 @@ class SplitTrainer:
     parts wherever ``clients`` runs them."""
 
     def __init__(self, model, adapters: RankedAdapters, cfg: Config, clients: SplitClients):
-        self.clients, self.shared_server = clients, cfg.split.server == "shared"
+        self.clients, self.shared_server, self.fuse = clients, cfg.split.server == "shared", cfg.engine.fuse
         self.cut = ModelCut(model, cfg.split.layer, cfg.split.u_shaped)
         self.server = SplitServer(model, adapters, self.cut, cfg)
         slots = adapters.slots[adapters.default_rank]
@@ -92,26 +93,46 @@ class SplitTrainer:
         out = SplitStepResult(client_states=[], client_moments=[], server_states=[], losses=[], bytes_up=[], bytes_down=[],
                               client_flops=[], server_flops=[], rows=[], messages=2 if self.cut.u_shaped else 1)
         up, down = np.zeros(len(jobs), dtype=np.int64), np.zeros(len(jobs), dtype=np.int64)
-        served: list[tuple] = []
+        # Units of work: one job each, or engine.fuse jobs as one fused group (per-client servers only:
+        # a shared server meets the batches one after another by definition).
+        fuse = 1 if self.shared_server else self.fuse
+        units = [list(range(i, min(i + fuse, len(jobs)))) for i in range(0, len(jobs), fuse)]
+        served: dict[int, tuple] = {}
         threaded = [server_states[0]]  # the shared server's state, threaded through the jobs in order
+        opened: set[int] = set()
+        groups: dict[int, ServerGroup] = {}  # fused units being served
 
-        def serve(i: int, blob: bytes) -> tuple[bool, bytes]:
-            if i not in opened:  # the job's first message: the server meets it now
-                job = jobs[i]
-                state = threaded[0] if self.shared_server else server_states[i]
-                self.server.open(job.client_id, job.step, job.rank, state, self._server_opt(job.client_id), lr)
-                opened.add(i)
-            up[i] += len(blob)
+        def serve(u: int, blob: bytes) -> tuple[bool, bytes]:
+            unit = units[u]
+            if u not in opened:  # the unit's first message: the server meets it now
+                opened.add(u)
+                if len(unit) > 1:
+                    groups[u] = ServerGroup(self.server, [(jobs[i].client_id, jobs[i].step, jobs[i].rank, server_states[i],
+                                                            self._server_opt(jobs[i].client_id)) for i in unit], lr)
+                else:
+                    job = jobs[unit[0]]
+                    state = threaded[0] if self.shared_server else server_states[unit[0]]
+                    self.server.open(job.client_id, job.step, job.rank, state, self._server_opt(job.client_id), lr)
+            if len(unit) > 1:  # bytes per client message, as if each client talked alone
+                for i, part in zip(unit, unbundle(blob)):
+                    up[i] += len(part)
+                done, reply = groups[u].handle(blob)
+                for i, part in zip(unit, unbundle(reply)):
+                    down[i] += len(part)
+                if done:
+                    served.update(zip(unit, groups.pop(u).outcomes()))
+                return done, reply
+            up[unit[0]] += len(blob)
             done, reply = self.server.handle(blob)
-            down[i] += len(reply)
+            down[unit[0]] += len(reply)
             if done:
-                served.append(self.server.outcome())
-                threaded[0] = served[-1][0]
+                served[unit[0]] = self.server.outcome()
+                threaded[0] = served[unit[0]][0]
             return done, reply
 
-        opened: set[int] = set()
         msgs = [job_message(j.client_id, j.step, j.rank, lr, j.state, j.moments) for j in jobs]
-        results = self.clients.converse(msgs, serve)
+        answers = self.clients.converse([msgs[u[0]] if len(u) == 1 else bundle([msgs[i] for i in u]) for u in units], serve)
+        results = [blob for unit, answer in zip(units, answers) for blob in ([answer] if len(unit) == 1 else unbundle(answer))]
         for i, blob in enumerate(results):
             scalars, groups = decode(blob, "split_result")
             server_state, server_loss, server_flops = served[i]
