@@ -3,6 +3,7 @@
     python benchmarks/fused.py --data DIR                 # CPU (or the GPU when one is visible)
     python benchmarks/fused.py --data DIR --device cuda   # a GPU machine
     python benchmarks/fused.py --data DIR --quick         # K = 1, 10 only, batch 4 fp32 (a smoke run)
+    python benchmarks/fused.py --gemm                     # the bound: 10 base GEMMs against one fused GEMM
 
 DIR is a GLUE MRPC folder (train.tsv, dev.tsv), e.g. ../shared/data/glue/MRPC.
 
@@ -16,6 +17,10 @@ Peak memory: the resident memory the round adds over the idle process (freed hea
 with malloc_trim), sampled every 5 ms from /proc (CPU), or torch.cuda.max_memory_allocated over the
 round (GPU). Both modes' trained
 states are compared (max abs difference).
+
+``--gemm`` times MiniLM's projection shapes (384 -> 384, 384 -> 1536, 1536 -> 384) for 10 clients' rows
+one after another against one GEMM over all of them: how much fusing the frozen base can save at
+most on this machine, whatever else a step does.
 """
 
 from __future__ import annotations
@@ -106,16 +111,47 @@ def timed(fn, repeat: int, device: torch.device) -> tuple[float, int, list]:
     return best, peak, out
 
 
+def gemm_bound(device: torch.device) -> None:
+    print(f"{'rows/client':>11} {'d_in->d_out':>12} | {'10 GEMMs ms':>11} {'1 fused ms':>10} {'ratio':>6}")
+    for rows in (256, 2048):  # batch 4 x 64 and batch 16 x 128 tokens
+        for d_in, d_out in ((384, 384), (384, 1536), (1536, 384)):  # attention, FFN up, FFN down
+            w = torch.randn(d_out, d_in, device=device)
+            xs = [torch.randn(rows, d_in, device=device) for _ in range(10)]
+            fused = torch.cat(xs)
+            times = []
+            for fn in (lambda: [x @ w.T for x in xs], lambda: fused @ w.T):
+                for _ in range(3):
+                    fn()
+                best = float("inf")
+                for _ in range(5):  # best of 5 x 20 calls: the machine's own speed, not its noise
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    began = time.perf_counter()
+                    for _ in range(20):
+                        fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    best = min(best, (time.perf_counter() - began) / 20 * 1e3)
+                times.append(best)
+            print(f"{rows:>11} {f'{d_in}->{d_out}':>12} | {times[0]:>11.2f} {times[1]:>10.2f} {times[0] / times[1]:>5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="a GLUE MRPC folder (train.tsv, dev.tsv)")
+    parser.add_argument("--data", help="a GLUE MRPC folder (train.tsv, dev.tsv)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ks", default="1,2,5,10")
     parser.add_argument("--steps", type=int, default=2, help="local steps per client per round")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--quick", action="store_true", help="K = 1, 10; batch 4 fp32 only")
+    parser.add_argument("--gemm", action="store_true", help="only the GEMM bound (no data needed)")
     args = parser.parse_args()
+    if args.gemm:
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        return gemm_bound(torch.device(auto if args.device == "auto" else args.device))
+    if args.data is None:
+        parser.error("--data DIR is required (a GLUE MRPC folder), unless --gemm")
     ks = [1, 10] if args.quick else [int(k) for k in args.ks.split(",")]
     settings = [(4, 64)] if args.quick else SETTINGS
     precisions = ["fp32"] if args.quick else args.precisions.split(",")
