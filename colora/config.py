@@ -562,13 +562,17 @@ class EngineConfig(_Strict):
 
 
 class PrivacyConfig(_Strict):
-    """Differential privacy (colora.privacy): client-level DP-FedAvg with an RDP accountant."""
+    """Differential privacy (colora.privacy): client-level DP-FedAvg or record-level DP-SGD, with an RDP
+    accountant."""
 
     mode: Literal["none", "client", "local"] = "none"
     """``client``: clip each client's update to ``clip`` and add Gaussian noise at aggregation (fedavg with
-    aggregator fedit); ``local`` (DP-SGD) is not available yet; ``none``: no guarantee."""
+    aggregator fedit; protects a client's whole data set); ``local``: DP-SGD in every client, each
+    step's per-sample gradients clipped to ``clip`` plus Gaussian noise (fedavg, declora, central;
+    protects each record; the ``privacy`` extra's Opacus computes per-sample gradients); ``none``."""
     clip: float = Field(1.0, gt=0)
-    """L2 bound of one client's update (A, B and the head) per round."""
+    """L2 bound of one client's update per round (``client``) or of one record's gradient per step
+    (``local``), over the LoRA factors and the head together."""
     noise_multiplier: float = Field(0.0, ge=0)
     """Noise std over ``clip``; 0 clips without noise (an ablation: no guarantee, ``epsilon`` null)."""
     delta: float = Field(1.0e-5, gt=0, lt=1)
@@ -629,8 +633,13 @@ class Config(_Strict):
     def _privacy_where_it_holds(self) -> "Config":
         p = self.privacy
         if p.mode == "local":
-            raise ValueError("privacy.mode=local (per-sample DP-SGD) is not available yet; use privacy.mode=client "
-                             "(DP-FedAvg) or none")
+            if self.algorithm in ("sl", "splitlora"):
+                raise ValueError(f"privacy.mode=local gives no guarantee for algorithm={self.algorithm}: split learning sends "
+                                 "activations, the data itself transformed, which no noise on gradients protects; use fedavg, "
+                                 "declora or central")
+            if self.engine.fuse > 1:
+                raise ValueError("privacy.mode=local needs per-sample gradients, which fused passes do not compute; "
+                                 "set engine.fuse=1")
         if p.mode == "client":
             why = {"sl": "split learning sends activations, the data itself transformed: no noise on updates protects them",
                    "splitlora": "split learning sends activations, the data itself transformed: no noise on updates protects them",
@@ -641,9 +650,9 @@ class Config(_Strict):
             if self.federation.aggregator != "fedit" or self.federation.robust != "none":
                 raise ValueError("privacy.mode=client adds noise to the plain sum of clipped parameter updates: it needs "
                                  "federation.aggregator=fedit and federation.robust=none")
-            if p.noise_multiplier <= 0 and p.target_epsilon is not None:
-                raise ValueError(f"privacy.target_epsilon={p.target_epsilon:g} cannot hold with privacy.noise_multiplier=0 "
-                                 "(clipping alone gives no guarantee: epsilon is infinite); raise privacy.noise_multiplier")
+        if p.mode != "none" and p.noise_multiplier <= 0 and p.target_epsilon is not None:
+            raise ValueError(f"privacy.target_epsilon={p.target_epsilon:g} cannot hold with privacy.noise_multiplier=0 "
+                             "(clipping alone gives no guarantee: epsilon is infinite); raise privacy.noise_multiplier")
         return self
 
     @model_validator(mode="after")

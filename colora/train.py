@@ -17,10 +17,11 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import AdapterSlots, RankedAdapters
-from .config import TrainConfig
+from .config import PrivacyConfig, TrainConfig
 from .data import Task, TextDataset
 from .fused import FusedStep, common_width, concat_batches, fused_layers, fused_step, lora_scaling, rng_snapshot
 from .messages import load_moments, moments_of
+from .privacy import per_sample_gradients, private_gradient, sgd_noise_generator
 from .types import AdapterState, ClientResult, ClientTask
 
 _PAD_MULTIPLE = 8  # pad batches to a multiple of 8 tokens: fewer distinct shapes to FLOP-count
@@ -141,9 +142,10 @@ class LocalTrainer:
     """
 
     def __init__(self, model, slots: AdapterSlots, data: Encoded, parts: list[np.ndarray], cfg: TrainConfig, seed: int,
-                 adapters: RankedAdapters | None = None):
+                 adapters: RankedAdapters | None = None, privacy: PrivacyConfig | None = None):
         self.model, self.slots, self.data, self.parts = model, slots, data, parts
         self.cfg, self.seed, self.adapters = cfg, seed, adapters
+        self.dp = privacy if privacy is not None and privacy.mode == "local" else None  # DP-SGD (colora.privacy)
         self._flops_by_shape: dict[tuple, float] = {}
 
     def _optimizer(self, task: ClientTask, params: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
@@ -187,10 +189,12 @@ class LocalTrainer:
         self.model.train()
         torch.manual_seed(_torch_seed(self.seed, task.client_id, task.start_step))
         losses, flops = [], 0.0
-        for step in range(task.start_step, task.start_step + task.steps):
-            loss, f = self._step(to_device(self._batch(task, step), self.model), opt, anchor, slots)
-            losses.append(loss)
-            flops += f
+        with per_sample_gradients(self.model) if self.dp else contextlib.nullcontext():
+            for step in range(task.start_step, task.start_step + task.steps):
+                noise = sgd_noise_generator(self.seed, task.client_id, step) if self.dp else None
+                loss, f = self._step(to_device(self._batch(task, step), self.model), opt, anchor, slots, noise)
+                losses.append(loss)
+                flops += f
         return self._result(task, slots.get(), losses, flops, opt)
 
     def run_fused(self, tasks: list[ClientTask]) -> list[ClientResult]:
@@ -221,7 +225,7 @@ class LocalTrainer:
             self._flops_by_shape[shape] = float(counter.get_total_flops())
         return self._flops_by_shape[shape]
 
-    def _step(self, batch, opt, anchor, slots: AdapterSlots) -> tuple[float, float]:
+    def _step(self, batch, opt, anchor, slots: AdapterSlots, noise: torch.Generator | None = None) -> tuple[float, float]:
         shape = (slots.adapter, *batch["input_ids"].shape)  # LoRA FLOPs depend on the rank
         counter = FlopCounterMode(display=False) if shape not in self._flops_by_shape else None
         if counter is not None:
@@ -232,6 +236,10 @@ class LocalTrainer:
         else:
             loss = self._loss(batch, anchor, slots)
             loss.backward()
+        if noise is not None:  # DP-SGD: the gradient becomes the clipped per-sample sum plus noise
+            prox = None if anchor is None or self.cfg.prox_mu <= 0 else {
+                k: self.cfg.prox_mu * (p.detach() - anchor[k]) for k, p in slots.params.items()}
+            private_gradient(slots.params, self.dp.clip, self.dp.noise_multiplier, noise, prox)
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(slots.params.values()), self.cfg.max_grad_norm)
         opt.step()

@@ -1,5 +1,6 @@
-"""Client-level DP-FedAvg (privacy.mode: client): clipping, the noise's scale, the accountant's epsilon
-in metrics.jsonl, the budget check before training, and where no guarantee holds."""
+"""Client-level DP-FedAvg (privacy.mode: client) and record-level DP-SGD (privacy.mode: local):
+clipping, the noise's scale, the accountant's epsilon in metrics.jsonl, the budget check before
+training, and where no guarantee holds."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import pytest
 import torch
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from colora.algorithms.base import sample_clients
 from colora.config import ConfigError
+from colora.engines import Engine
 from colora.experiment import run_experiment
-from colora.privacy import _ORDERS, clipped, dp_fedavg, epsilon, noise_generator
+from colora.privacy import _ORDERS, clipped, dp_fedavg, epsilon, noise_generator, per_sample_gradients, private_gradient
+from colora.train import to_device
+from colora.types import ClientTask
 from colora.validation import update_norm
 
 from .conftest import cli_error, read_rows, tiny_config, tiny_raw
@@ -98,8 +103,121 @@ def test_a_budget_the_rounds_would_exceed_is_refused_before_training(tmp_path, c
     (dict(algorithm="central"), "one pooled data set"),
     (dict(federation__aggregator="svd", federation__ranks=[4, 8, 8, 8, 8, 8]), "needs federation.aggregator=fedit"),
     (dict(privacy__noise_multiplier=0.0, privacy__target_epsilon=8.0), "cannot hold with privacy.noise_multiplier=0"),
-    (dict(privacy__mode="local"), "not available yet"),
+    (dict(privacy__mode="local", algorithm="splitlora"), "split learning sends activations"),
+    (dict(privacy__mode="local", engine__fuse=2), "fused passes do not compute"),
+    (dict(privacy__mode="local", privacy__noise_multiplier=0.0, privacy__target_epsilon=8.0),
+     "cannot hold with privacy.noise_multiplier=0"),
 ])
 def test_configs_without_a_guarantee_are_refused(over, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(**SMALL, **{**DP, **over})
+
+
+# ---------------------------------------------------------------------------------------------
+# DP-SGD (privacy.mode: local)
+# ---------------------------------------------------------------------------------------------
+
+LOCAL = dict(privacy__mode="local", privacy__clip=0.5, privacy__noise_multiplier=1.0)
+RUN = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=32, rounds=2, clients__num=4,
+           clients__per_round=3, train__local_steps=2, train__lr=0.05, model__dropout=0.0)
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2"])
+def test_per_sample_gradients_are_each_records_own(model):
+    """Opacus's per-sample gradients of the adapter equal a backward of each record alone."""
+    cfg = tiny_config(**RUN, model__name=model)
+    with Engine(cfg) as engine:
+        trainer, slots = engine.runtime.trainer, engine.adapters.activate(None)
+        gen = torch.Generator().manual_seed(1)
+        slots.load({k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in slots.get().items()})
+        batch = to_device(trainer._batch(ClientTask(0, {}, 0, 1, 0.1), 0), engine.model)
+        engine.model.train()
+        with per_sample_gradients(engine.model):
+            engine.model(**batch).loss.backward()
+            samples = {k: p.grad_sample.clone() for k, p in slots.params.items()}
+        for p in slots.params.values():
+            p.grad = None
+        for i in range(len(batch["labels"])):
+            engine.model(**{k: v[i:i + 1] for k, v in batch.items()}).loss.backward()
+            for k, p in slots.params.items():
+                torch.testing.assert_close(samples[k][i], p.grad, rtol=0, atol=1e-6)
+                p.grad = None
+
+
+def test_each_record_is_clipped_and_one_record_moves_the_sum_by_at_most_2c():
+    """The sensitivity DP-SGD's guarantee rests on, for random per-sample gradients of any size."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        rows, clip = 8, 0.3
+        scale = 10.0 ** (trial % 5 - 2)  # from well inside the bound to far outside it
+        grads = {"a": scale * torch.randn(rows, 4, 3, generator=gen), "b": scale * torch.randn(rows, 5, generator=gen)}
+        params = {k: torch.nn.Parameter(torch.zeros(g.shape[1:])) for k, g in grads.items()}
+        sums = []
+        for variant in range(2):  # the batch, then the batch with record 0 replaced
+            g = {k: v.clone() for k, v in grads.items()}
+            if variant:
+                g = {k: torch.cat([scale * 50 * torch.randn(1, *v.shape[1:], generator=gen), v[1:]]) for k, v in g.items()}
+            for k, p in params.items():
+                p.grad_sample = g[k]
+            private_gradient(params, clip, 0.0, torch.Generator())
+            sums.append(torch.cat([p.grad.flatten() * rows for p in params.values()]))
+            per_record = torch.sqrt(sum((v.reshape(rows, -1) ** 2).sum(1) for v in g.values()))
+            expected = sum(min(1.0, clip / (n + 1e-6)) * torch.cat([v[i].flatten() for v in g.values()])
+                           for i, n in enumerate(per_record.tolist()))
+            torch.testing.assert_close(sums[-1], expected, rtol=1e-5, atol=1e-7)
+        assert float((sums[0] - sums[1]).norm()) <= 2 * clip + 1e-5
+
+
+def test_dp_sgd_without_noise_or_clipping_is_plain_training(tmp_path):
+    """noise 0 and a clip no gradient reaches: the per-sample sum over the batch is the batch gradient,
+    and FedProx's pull is added after; the run equals the plain one."""
+    for i, extra in enumerate(({}, dict(train__prox_mu=0.1))):
+        plain = _losses(tmp_path, f"plain{i}", **RUN, **extra)
+        dp = _losses(tmp_path, f"dp{i}", **RUN, **extra, privacy__mode="local", privacy__clip=1e6)
+        assert dp == pytest.approx(plain, abs=1e-6)
+
+
+def _losses(tmp_path, name, **over) -> list[float]:
+    run_experiment(tiny_config(**over), tmp_path / name)
+    return [r["eval/loss"] for r in read_rows(tmp_path / name)]
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "declora", "central"])
+def test_dp_sgd_reports_the_worst_clients_epsilon_from_the_accountant(tmp_path, algorithm):
+    cfg = tiny_config(**RUN, **LOCAL, algorithm=algorithm)
+    run_experiment(cfg, tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
+    with Engine(cfg) as engine:
+        sizes = engine.algorithm.ctx.client_sizes
+    steps = [0] * len(sizes)
+    for rnd, row in enumerate(rows[1:], start=1):
+        for k in (sample_clients(cfg.seed, rnd, cfg.clients.num, cfg.clients.per_round) if algorithm == "fedavg"
+                  else range(len(sizes))):
+            steps[k] += cfg.train.local_steps
+        worst = 0.0
+        for n, s in zip(sizes, steps):
+            if s:
+                event = dp_accounting.PoissonSampledDpEvent(cfg.train.batch_size / n, dp_accounting.GaussianDpEvent(1.0))
+                acc = rdp_privacy_accountant.RdpAccountant(_ORDERS)
+                acc.compose(dp_accounting.SelfComposedDpEvent(event, s))
+                worst = max(worst, acc.get_epsilon(cfg.privacy.delta))
+        assert row["epsilon"] == pytest.approx(worst, rel=1e-9)
+    assert rows[-1]["epsilon"] > rows[1]["epsilon"] > 0
+
+
+def test_dp_sgd_noise_is_the_same_on_every_engine(tmp_path):
+    """The noise comes from a generator seeded by (seed, client, step): workers draw what the
+    in-process engine draws, and a second run repeats the first."""
+    inprocess = _losses(tmp_path, "a", **RUN, **LOCAL)
+    assert _losses(tmp_path, "b", **RUN, **LOCAL) == inprocess
+    workers = _losses(tmp_path, "c", **RUN, **LOCAL, engine__kind="workers", engine__workers=2)
+    assert workers == pytest.approx(inprocess, abs=1e-6)
+    assert _losses(tmp_path, "d", **RUN) != pytest.approx(inprocess, abs=1e-3)  # the noise is there
+
+
+def test_a_dp_sgd_budget_the_run_would_exceed_is_refused(tmp_path, capsys):
+    raw, _ = tiny_raw()
+    raw.update(rounds=40, privacy={"mode": "local", "noise_multiplier": 0.7, "target_epsilon": 2.0})
+    err = cli_error(tmp_path, capsys, raw, [])
+    assert "privacy.target_epsilon=2" in err and "DP-SGD steps" in err and "raise privacy.noise_multiplier" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -7,6 +7,7 @@ model, in worker processes, ...); results must not depend on that choice.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from ..attacks import attackers, noise_generator, tamper
 from ..config import ColoraError, Config, DeviceProfile, NonFiniteError
+from ..privacy import check_budget, epsilon, local_epsilon
 from ..types import AdapterState, ClientResult, RoundResult, TaskRunner
 from ..validation import screen
 
@@ -62,6 +64,16 @@ class Algorithm(ABC):
         if self.attackers and byz.attack == "label_flip" and (ctx.num_labels or 0) < 2:
             raise ColoraError("clients.byzantine.attack=label_flip needs a classification task (this one has no classes to "
                               "flip); use sign_flip, gaussian or scaled")
+        self.budget = check_budget(self.cfg, ctx.client_sizes)  # before training: a run that would overspend is refused
+
+    def privacy_spent(self, rnd: int, steps: list[int]) -> dict:
+        """metrics.jsonl's ``epsilon`` after round ``rnd`` (colora.privacy): DP-FedAvg's over the rounds,
+        DP-SGD's worst client's over its ``steps``; null where nothing is guaranteed (no noise)."""
+        mode = self.cfg.privacy.mode
+        if mode == "none":
+            return {}
+        spent = epsilon(self.cfg, rnd) if mode == "client" else local_epsilon(self.cfg, self.ctx.client_sizes, steps)
+        return {"epsilon": spent if math.isfinite(spent) else None}  # metrics.jsonl is strict JSON
 
     def flip_labels(self, client: int) -> int:
         """ClientTask.flip_labels for ``client``: the class count if it poisons its labels, else 0."""

@@ -32,7 +32,8 @@ class Central(Algorithm):
             raise NonFiniteError(f"central's local training produced NaN or inf (round {rnd})", "train.lr")
         self.state, self.steps_done = result.state, self.steps_done + steps
         self.keep_moments([result])
-        return RoundResult(result.loss, 0, 0, central_round_time(result.flops, self.cfg.system.server))
+        return RoundResult(result.loss, 0, 0, central_round_time(result.flops, self.cfg.system.server),
+                           self.privacy_spent(rnd, [self.steps_done]))
 
     def global_state(self):
         return self.state

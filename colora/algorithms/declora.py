@@ -206,7 +206,7 @@ class DecLoRA(Algorithm):
         total = sum(sum(m) for m in sent)  # each message: sent once, received once
         sim = declora_round_time([r.flops for r in results], sent, [self.device(i) for i in range(n)])
         extra = {"consensus_distance": consensus_distance(self.states), "spectral_gap": top.gap,
-                 "rejected_updates": len(rejected)}
+                 "rejected_updates": len(rejected), **self.privacy_spent(rnd, self.client_steps)}
         if cfg.gossip.eval_clients and self.eval_due(rnd):
             extra.update(self._eval_clients())
         return RoundResult(float(np.mean([r.loss for r in accepted])), total, total, sim, extra)

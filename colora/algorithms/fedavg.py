@@ -13,24 +13,18 @@ global and refuse mixed ranks), so each payload, down and up, is the size of tha
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..aggregation import server_step
 from ..config import ColoraError
 from ..costmodel import fedavg_round_time
-from ..privacy import check_budget, dp_fedavg, epsilon
+from ..privacy import dp_fedavg
 from ..privacy import noise_generator as dp_noise
 from ..schedule import lr_at
 from ..states import lora_rank, payload_nbytes
 from ..types import ClientTask, RoundResult
 from .base import Algorithm, sample_clients, screen_round
 from .server import AdapterServer
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # metrics.jsonl is strict JSON: no guarantee is null
 
 
 class FedAvg(Algorithm):
@@ -49,7 +43,6 @@ class FedAvg(Algorithm):
                 f"(got {fed.aggregator}, which re-factors B and A each round)"
             )
         self.server_opt_state: dict = {}
-        self.budget = check_budget(self.cfg)  # before training: a run that would overspend is refused
         self.client_steps = [0] * self.cfg.clients.num  # each client's own batch counter
 
     def run_round(self, rnd: int) -> RoundResult:
@@ -88,7 +81,7 @@ class FedAvg(Algorithm):
         loss = float(np.average([r.loss for r in results], weights=weights))
         return RoundResult(loss, sum(ups), sum(downs), sim, {"clients": len(results), "global_rank": lora_rank(server.state),
                                                              "rejected_updates": len(rejected),
-                                                             **({"epsilon": _finite(epsilon(cfg, rnd))} if cfg.privacy.mode == "client" else {})})
+                                                             **self.privacy_spent(rnd, self.client_steps)})
 
     def global_state(self):
         return self.server.state

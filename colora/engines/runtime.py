@@ -45,7 +45,7 @@ class ClientRuntime:
         for r in sorted(set(ranks)):
             adapters.ensure(r)
         slots = adapters.slots[adapters.default_rank]
-        self.trainer = LocalTrainer(model, slots, data, parts, cfg.train, cfg.seed, adapters)
+        self.trainer = LocalTrainer(model, slots, data, parts, cfg.train, cfg.seed, adapters, cfg.privacy)
         self.split = SplitClient(model, adapters, data, parts, cfg) if split else None
 
     def run_task(self, blob: bytes) -> bytes:
