@@ -264,6 +264,10 @@ class TrainConfig(_Strict):
     prox_mu: float = Field(0.0, ge=0)
     """FedProx: adds prox_mu / 2 · ||θ - θ_start||² over the adapter to each local loss, θ_start being the
     state the client's round began from (fedavg, declora; refused by sl and splitlora); 0 = off."""
+    correction: Literal["none", "scaffold"] = "none"
+    """Client-drift correction (fedavg, equal ranks, ``aggregator: fedit``): ``scaffold`` (Karimireddy et al.
+    2020) adds c - c_k (server and client control variates over the adapter) to every local gradient;
+    each round's c (down) and Δc_k (up) are counted as bytes; the variates checkpoint with the run."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """``bf16``: forward and backward under torch.autocast (matmuls in bfloat16, ~1.8x faster per step on
     CPUs with AVX512-BF16, half the activation memory); parameters, optimizer moments, aggregation
@@ -278,11 +282,20 @@ class FederationConfig(_Strict):
     """``fedit``: average every tensor (equal ranks); ``product``: mean of the updates B·A re-factored at
     rank r (equal ranks); ``zero_pad`` (HetLoRA): pad factors to the largest rank and average; ``svd``
     (FlexLoRA): SVD of the mean update, each client's top components; ``stack`` (FLoRA, fedavg only): exact
-    stacked update merged into the base, fresh adapters each round; ``hlora``: svd with ranks by data size."""
+    stacked update merged into the base, fresh adapters each round; ``hlora``: svd with ranks by data size;
+    ``lora_fair`` (LoRA-FAIR): fedit plus a server residual on B so that B·A matches the mean update (equal ranks)."""
     max_update_norm: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None
     """Drop a client update whose L2 distance from what the client was sent (over A, B and the head)
     exceeds this, for that round (fedavg, declora; ``rejected_updates`` in metrics.jsonl); ``auto``:
     10x the round's median; null: no bound. Wrong keys, shapes, dtypes or NaN/inf are always dropped."""
+    lora_mode: Literal["standard", "ffa", "rolora"] = "standard"
+    """Which LoRA factors train and travel (fedavg, equal ranks, ``aggregator: fedit``): ``standard`` both;
+    ``ffa`` (FFA-LoRA): A stays at its seeded init and never travels, only B (and the head) train: the
+    average is exact and the LoRA bytes halve; ``rolora`` (RoLoRA): B trains in odd rounds, A in even
+    ones, the other factor frozen at the global: exact, one factor up per round, down the factor the
+    last round changed (both to a client not sampled last round)."""
+    lora_fair_lambda: float = Field(0.01, ge=0)
+    """``aggregator: lora_fair``: ridge weight of the server's residual ΔB; large values give plain fedit."""
     robust: Literal["none", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip"] = "none"
     """Robust aggregation (colora/aggregation/robust) before fedavg's ``aggregator``, or as each Dec-LoRA
     node's combination of its neighbours (plain gossip): ``median`` /
@@ -671,6 +684,22 @@ class Config(_Strict):
         if fed.robust in ("median", "trimmed_mean") and fed.aggregator == "stack":
             raise ValueError(f"federation.robust={fed.robust} re-factors one ΔW at the global rank; aggregator=stack merges "
                              "stacked updates into the base instead; use svd or zero_pad")
+        return self
+
+    @model_validator(mode="after")
+    def _drift_fixes_where_factors_are_averaged(self) -> "Config":
+        fed, what = self.federation, []
+        if fed.lora_mode != "standard":
+            what.append(f"federation.lora_mode={fed.lora_mode}")
+        if self.train.correction != "none":
+            what.append(f"train.correction={self.train.correction}")
+        if not what:
+            return self
+        if self.algorithm != "fedavg":
+            raise ValueError(f"{what[0]} is for fedavg (algorithm is {self.algorithm}); set it back to its default")
+        if fed.aggregator != "fedit" or (fed.ranks and len(set(fed.ranks)) > 1) or fed.rank_rule != "uniform":
+            raise ValueError(f"{what[0]} keeps factors in one shared coordinate system: it needs equal ranks and "
+                             f"federation.aggregator=fedit (got {fed.aggregator}); use fedit and one rank")
         return self
 
     @model_validator(mode="after")

@@ -24,7 +24,8 @@ from safetensors.torch import save as safetensors_save
 
 from .types import AdapterState, ClientResult, ClientTask
 
-_TASK_TENSORS = {"state": "state/", "prox_anchor": "anchor/", "base_delta": "delta/", "moments": "moments/"}
+_TASK_TENSORS = {"state": "state/", "prox_anchor": "anchor/", "base_delta": "delta/", "moments": "moments/",
+                 "correction": "correction/"}
 _RESULT_TENSORS = {"state": "state/", "moments": "moments/"}
 
 

@@ -168,13 +168,13 @@ class LocalTrainer:
         return batch
 
     def _result(self, task: ClientTask, state: AdapterState, losses: list[float], flops: float,
-                opt: torch.optim.Optimizer) -> ClientResult:
+                opt: torch.optim.Optimizer, keys: list[str]) -> ClientResult:
         n = len(self.parts[task.client_id])
         if not all(math.isfinite(v) for v in losses) or any(not torch.isfinite(t).all() for t in state.values()):
             # a client whose training diverged sends nothing (colora.validation); central stops the run
             return ClientResult(task.client_id, {}, n, float("nan"), flops, task.steps, None,
                                 failed="its local training produced NaN or inf")
-        moments = moments_of(opt, list(state)) if task.keep_optimizer else None
+        moments = moments_of(opt, keys) if task.keep_optimizer else None
         return ClientResult(task.client_id, state, n, float(np.mean(losses)), flops, task.steps, moments)
 
     def run(self, task: ClientTask) -> ClientResult:
@@ -184,18 +184,22 @@ class LocalTrainer:
             self.adapters.merge_base(task.base_delta)
             slots = self.adapters.activate(task.rank)
         slots.load(task.state)
-        opt = self._optimizer(task, slots.params)
+        params = {k: p for k, p in slots.params.items() if k not in task.frozen}  # what trains
+        opt = self._optimizer(task, params)
         anchor = None if task.prox_anchor is None else to_device(task.prox_anchor, self.model)
+        correction = None if task.correction is None else to_device(task.correction, self.model)
         self.model.train()
         torch.manual_seed(_torch_seed(self.seed, task.client_id, task.start_step))
         losses, flops = [], 0.0
-        with per_sample_gradients(self.model) if self.dp else contextlib.nullcontext():
+        with frozen(slots.params, task.frozen), per_sample_gradients(self.model) if self.dp else contextlib.nullcontext():
             for step in range(task.start_step, task.start_step + task.steps):
                 noise = sgd_noise_generator(self.seed, task.client_id, step) if self.dp else None
-                loss, f = self._step(to_device(self._batch(task, step), self.model), opt, anchor, slots, noise)
+                batch = to_device(self._batch(task, step), self.model)
+                loss = self._backward(batch, anchor, slots)
+                flops += self._flops_by_shape[(slots.adapter, *batch["input_ids"].shape)]
+                self._update(params, opt, anchor, noise, correction)
                 losses.append(loss)
-                flops += f
-        return self._result(task, slots.get(), losses, flops, opt)
+        return self._result(task, slots.get(), losses, flops, opt, list(params))
 
     def run_fused(self, tasks: list[ClientTask]) -> list[ClientResult]:
         """Run ``tasks`` in one batched pass per step (colora.fused); each result equals :meth:`run`'s
@@ -225,26 +229,32 @@ class LocalTrainer:
             self._flops_by_shape[shape] = float(counter.get_total_flops())
         return self._flops_by_shape[shape]
 
-    def _step(self, batch, opt, anchor, slots: AdapterSlots, noise: torch.Generator | None = None) -> tuple[float, float]:
+    def _backward(self, batch, anchor, slots: AdapterSlots) -> float:
+        """Forward and backward of one batch (FLOPs counted the first time a shape is seen); the loss."""
         shape = (slots.adapter, *batch["input_ids"].shape)  # LoRA FLOPs depend on the rank
         counter = FlopCounterMode(display=False) if shape not in self._flops_by_shape else None
-        if counter is not None:
-            with counter:
-                loss = self._loss(batch, anchor, slots)
-                loss.backward()
-            self._flops_by_shape[shape] = float(counter.get_total_flops())
-        else:
+        with counter or contextlib.nullcontext():
             loss = self._loss(batch, anchor, slots)
             loss.backward()
+        if counter is not None:
+            self._flops_by_shape[shape] = float(counter.get_total_flops())
+        return float(loss.detach())
+
+    def _update(self, params: dict[str, torch.Tensor], opt, anchor, noise: torch.Generator | None,
+                correction: AdapterState | None) -> None:
+        """One optimizer step on ``params`` from their gradients: DP-SGD's privatized gradient (with
+        ``noise``), clipping, SCAFFOLD's ``correction`` c - c_k."""
         if noise is not None:  # DP-SGD: the gradient becomes the clipped per-sample sum plus noise
             prox = None if anchor is None or self.cfg.prox_mu <= 0 else {
-                k: self.cfg.prox_mu * (p.detach() - anchor[k]) for k, p in slots.params.items()}
-            private_gradient(slots.params, self.dp.clip, self.dp.noise_multiplier, noise, prox)
+                k: self.cfg.prox_mu * (p.detach() - anchor[k]) for k, p in params.items()}
+            private_gradient(params, self.dp.clip, self.dp.noise_multiplier, noise, prox)
         if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(slots.params.values()), self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(list(params.values()), self.cfg.max_grad_norm)
+        if correction is not None:
+            for k, p in params.items():
+                p.grad.add_(correction[k])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach()), self._flops_by_shape[shape]
 
     def _loss(self, batch, anchor, slots: AdapterSlots) -> torch.Tensor:
         with autocast(self.cfg.precision, self.model):
@@ -266,12 +276,15 @@ def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResu
     if adapters is not None:
         adapters.merge_base(tasks[0].base_delta)
     slots = [adapters.ensure(t.rank or adapters.default_rank) if adapters is not None else trainer.slots for t in tasks]
-    params, opts, anchors, streams, scaling = [], [], [], [], []
+    params, trained, opts, anchors, corrections, streams, scaling = [], [], [], [], [], [], []
     for t, s in zip(tasks, slots):
-        live = {k: torch.nn.Parameter(t.state[k].to(device, copy=True)) for k in s.params}  # the client's own leaves
+        live = {k: torch.nn.Parameter(t.state[k].to(device, copy=True), requires_grad=k not in t.frozen)
+                for k in s.params}  # the client's own leaves
         params.append(live)
-        opts.append(trainer._optimizer(t, live))
+        trained.append({k: p for k, p in live.items() if p.requires_grad})
+        opts.append(trainer._optimizer(t, trained[-1]))
         anchors.append(None if t.prox_anchor is None else to_device(t.prox_anchor, model))
+        corrections.append(None if t.correction is None else to_device(t.correction, model))
         torch.manual_seed(_torch_seed(trainer.seed, t.client_id, t.start_step))  # as run() seeds it
         streams.append(rng_snapshot(device))
         scaling.append(lora_scaling(model, s.adapter))
@@ -292,20 +305,16 @@ def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResu
             with fused_step(step), autocast(cfg.precision, model):
                 logits = model(**inputs).logits
                 per = []
-                for n, (b, j) in enumerate(zip(batches, on)):
-                    own = logits[n * step.rows:(n + 1) * step.rows]  # its rows (and, per token, its own width)
-                    own = own[:, : widths[n]] if own.ndim == 3 else own
+                for n, (own, b, j) in enumerate(zip(logits.split(step.rows), batches, on)):  # each client's rows
+                    own = own[:, : widths[n]] if own.ndim == 3 else own  # per token: its own width
                     per.append(trainer.prox(client_loss(own, b["labels"]), params[j], anchors[j]))
             torch.stack(per).sum().backward()  # client j's factors reach only its own loss
             for n, j in enumerate(on):
                 streams[j] = step.streams[n]
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(list(params[j].values()), cfg.max_grad_norm)
-                opts[j].step()
-                opts[j].zero_grad(set_to_none=True)
+                trainer._update(trained[j], opts[j], anchors[j], None, corrections[j])
                 losses[j].append(float(per[n].detach()))
-    return [trainer._result(t, {k: p.detach().to("cpu", copy=True) for k, p in params[j].items()}, losses[j], flops[j], opts[j])
-            for j, t in enumerate(tasks)]
+    return [trainer._result(t, {k: p.detach().to("cpu", copy=True) for k, p in params[j].items()}, losses[j], flops[j], opts[j],
+                            list(trained[j])) for j, t in enumerate(tasks)]
 
 
 def client_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -316,6 +325,19 @@ def client_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if logits.shape[-1] == 1:
         return F.mse_loss(logits.squeeze(), labels.squeeze())
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+
+
+@contextlib.contextmanager
+def frozen(params: dict[str, torch.Tensor], keys: list[str]):
+    """``keys``' parameters take no gradient while inside (FFA-LoRA's A, RoLoRA's resting factor)."""
+    held = [params[k] for k in keys if params[k].requires_grad]
+    for p in held:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in held:
+            p.requires_grad_(True)
 
 
 def _same_state(a: AdapterState | None, b: AdapterState | None) -> bool:

@@ -34,6 +34,10 @@ class ClientTask:
     moments: AdapterState | None = None
     # clients.byzantine label_flip: the number of classes C; the client trains on labels c -> C-1-c (0: honest)
     flip_labels: int = 0
+    # federation.lora_mode ffa / rolora: adapter keys the client keeps fixed (they neither train nor travel)
+    frozen: list[str] = field(default_factory=list)
+    # train.correction=scaffold: c - c_k per adapter key, added to every local gradient; None: no correction
+    correction: AdapterState | None = None
 
 
 @dataclass

@@ -16,25 +16,30 @@ from functools import partial
 
 from ..config import FederationConfig
 from .fedit import FEDIT, fedit
-from .hetero import RankedRule
+from .hetero import RankedRule, equal_rank_rule
 from .hlora import HLORA
+from .lora_fair import lora_fair
 from .product import PRODUCT, product
 from .server_opt import server_step
 from .stack import STACK
 from .svd import SVD
 from .zero_pad import ZERO_PAD, hetlora_prune
 
+LORA_FAIR = equal_rank_rule("lora_fair", partial(lora_fair, lam=0.01), exact=False)
+
 # Every federation.aggregator name (the config validates against this registry).
-RULES: dict[str, RankedRule] = {rule.name: rule for rule in (FEDIT, PRODUCT, ZERO_PAD, SVD, STACK, HLORA)}
+RULES: dict[str, RankedRule] = {rule.name: rule for rule in (FEDIT, PRODUCT, ZERO_PAD, SVD, STACK, HLORA, LORA_FAIR)}
 EXACT = {name: rule.exact for name, rule in RULES.items()}
 
 
 def get_rule(fed: FederationConfig) -> RankedRule:
     """The rule ``fed.aggregator`` names, with its ``federation.hetlora_*`` options bound."""
     rule = RULES[fed.aggregator]
+    if rule is LORA_FAIR:
+        return equal_rank_rule(rule.name, partial(lora_fair, lam=fed.lora_fair_lambda), exact=False)
     if rule is ZERO_PAD and fed.hetlora_sparsity_weighting:
         return RankedRule(rule.name, partial(rule.aggregate, sparsity_weighting=True), rule.for_client, rule.exact)
     return rule
 
 
-__all__ = ["EXACT", "RULES", "RankedRule", "get_rule", "hetlora_prune", "server_step", "fedit", "product"]
+__all__ = ["EXACT", "RULES", "RankedRule", "get_rule", "hetlora_prune", "server_step", "fedit", "lora_fair", "product"]

@@ -6,6 +6,8 @@ keeps the factors' coordinates, so server optimizers can act on them. Equal rank
 
 from __future__ import annotations
 
+import torch
+
 from ..config import ColoraError
 from ..types import AdapterState
 from .hetero import equal_rank_rule
@@ -30,7 +32,10 @@ def weighted_mean(states: list[AdapterState], weights: list[float], keys=None) -
     total = float(sum(weights))
     norm = [w / total for w in weights]
     keys = states[0].keys() if keys is None else keys
-    return {k: sum(w * s[k] for w, s in zip(norm, states)) for k in keys}
+    # A tensor every client sent unchanged (FFA-LoRA's A, RoLoRA's resting factor) stays bit for bit:
+    # the weighted sum of equal values would round away from it.
+    return {k: states[0][k].clone() if all(torch.equal(s[k], states[0][k]) for s in states[1:])
+            else sum(w * s[k] for w, s in zip(norm, states)) for k in keys}
 
 
 def fedit(states: list[AdapterState], weights: list[float]) -> AdapterState:

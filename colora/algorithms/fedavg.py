@@ -24,6 +24,7 @@ from ..schedule import lr_at
 from ..states import lora_rank, payload_nbytes
 from ..types import ClientTask, RoundResult
 from .base import Algorithm, sample_clients, screen_round
+from .drift import Scaffold, frozen_keys, nbytes, sent_keys
 from .server import AdapterServer
 
 
@@ -44,6 +45,7 @@ class FedAvg(Algorithm):
             )
         self.server_opt_state: dict = {}
         self.client_steps = [0] * self.cfg.clients.num  # each client's own batch counter
+        self.scaffold = Scaffold(self.cfg, self.server.state) if self.cfg.train.correction == "scaffold" else None
 
     def run_round(self, rnd: int) -> RoundResult:
         cfg, server = self.cfg, self.server
@@ -51,10 +53,16 @@ class FedAvg(Algorithm):
         steps, lr = cfg.train.local_steps, lr_at(cfg.train, rnd, cfg.rounds)
         keep = cfg.train.client_optimizer == "keep"
         sent, delta = {k: server.client_state(k, rnd) for k in sampled}, server.base_delta()
-        downs = [server.down_nbytes(sent[k]) for k in sampled]
+        mode, frozen = cfg.federation.lora_mode, frozen_keys(cfg.federation.lora_mode, rnd, server.state)
+        last = set(sample_clients(cfg.seed, rnd - 1, cfg.clients.num, cfg.clients.per_round)) if rnd > 1 else set()
+        downs = [server.down_nbytes(sent[k]) if mode == "standard" else nbytes(sent[k], sent_keys(mode, rnd, sent[k], k in last))
+                 for k in sampled]
+        if self.scaffold is not None:  # c travels down with the adapter
+            downs = [d + payload_nbytes(self.scaffold.c) for d in downs]
         tasks = [ClientTask(k, sent[k], self.client_steps[k], steps, lr, prox_anchor=sent[k] if cfg.train.prox_mu > 0 else None,
                             keep_optimizer=keep, rank=server.ranks[k], base_delta=delta, moments=self.moments.get(k),
-                            flip_labels=self.flip_labels(k)) for k in sampled]
+                            flip_labels=self.flip_labels(k), frozen=frozen,
+                            correction=self.scaffold.correction(k) if self.scaffold else None) for k in sampled]
         results = self.ctx.run_tasks(tasks)
         self.attack(rnd, results, sent)
         for r in results:
@@ -63,8 +71,12 @@ class FedAvg(Algorithm):
         results, rejected = screen_round(rnd, results, sent, cfg.federation.max_update_norm)
         self.keep_moments(results)
         states = [server.receive(r.client_id, r.state) for r in results]
-        up_of = {r.client_id: 0 if r.failed else payload_nbytes(r.state) for r in received}
-        up_of.update({r.client_id: payload_nbytes(st) for r, st in zip(results, states)})  # HetLoRA: the pruned upload
+        travels = lambda st: nbytes(st, [k for k in st if k not in frozen])  # noqa: E731 - a frozen factor stays home
+        up_of = {r.client_id: 0 if r.failed else travels(r.state) for r in received}
+        up_of.update({r.client_id: travels(st) for r, st in zip(results, states)})  # HetLoRA: the pruned upload
+        if self.scaffold is not None:  # each client's change of its control variate goes up too
+            for k, extra in self.scaffold.update(results, sent, lr).items():
+                up_of[k] += extra
         ups = [up_of[r.client_id] for r in received]
         weights = [float(r.num_samples) if cfg.federation.weighting == "samples" else 1.0 for r in results]
         previous = server.state
@@ -88,7 +100,7 @@ class FedAvg(Algorithm):
 
     def state_dict(self) -> dict:
         return {"server": self.server.state_dict(), "server_opt": self.server_opt_state, "client_steps": self.client_steps,
-                "moments": self.moments}
+                "moments": self.moments, **({"scaffold": self.scaffold.state_dict()} if self.scaffold else {})}
 
     def load_state_dict(self, state: dict) -> None:
         # Checkpoints before the one-rule server kept the equal-rank global under "state".
@@ -97,3 +109,5 @@ class FedAvg(Algorithm):
         self.server_opt_state = state["server_opt"]
         self.client_steps = list(state["client_steps"])
         self.moments = dict(state.get("moments", {}))
+        if self.scaffold is not None:
+            self.scaffold.load_state_dict(state["scaffold"])

@@ -1,0 +1,187 @@
+"""The peer methods users compare federated LoRA against: FFA-LoRA and RoLoRA
+(``federation.lora_mode``), SCAFFOLD (``train.correction``) and LoRA-FAIR (``aggregator: lora_fair``):
+hand-computed cases, exactness, bytes, resume, and equal results on every engine and when fused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colora.aggregation import fedit, lora_fair
+from colora.algorithms.drift import Scaffold
+from colora.cli import main
+from colora.config import ConfigError
+from colora.engines import Engine
+from colora.experiment import run_experiment
+from colora.states import lora_pairs, payload_nbytes
+from colora.types import ClientResult
+
+from .conftest import read_rows, tiny_config
+
+RUN = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=32, rounds=3, clients__num=4,
+           clients__per_round=3, train__local_steps=2, train__lr=0.05)
+
+
+def _round(over: dict, rounds: int = 2):
+    """Run ``rounds`` rounds on an engine, keeping every round's tasks, results and global state."""
+    cfg = tiny_config(**RUN, **over)
+    seen = []
+    with Engine(cfg) as engine:
+        algo, run_tasks = engine.algorithm, engine.algorithm.ctx.run_tasks
+
+        def spy(tasks):
+            results = run_tasks(tasks)
+            seen.append((tasks, [ClientResult(r.client_id, dict(r.state), r.num_samples, r.loss, r.flops, r.steps)
+                                 for r in results]))
+            return results
+        algo.ctx.run_tasks = spy
+        globals_, metrics = [dict(algo.global_state())], []
+        for rnd in range(1, rounds + 1):
+            metrics.append(algo.run_round(rnd))
+            globals_.append(dict(algo.global_state()))
+    return cfg, seen, globals_, metrics
+
+
+def _mean_update(results, weights) -> dict[str, torch.Tensor]:
+    total = sum(weights)
+    return {prefix: sum(w / total * r.state[b].double() @ r.state[a].double() for w, r in zip(weights, results))
+            for prefix, (a, b) in lora_pairs(results[0].state).items()}
+
+
+@pytest.mark.parametrize("mode", ["ffa", "rolora"])
+def test_one_factor_trains_the_average_is_exact_and_the_rest_stays_home(mode):
+    cfg, seen, globals_, metrics = _round(dict(federation__lora_mode=mode))
+    for rnd, ((tasks, results), before, after) in enumerate(zip(seen, globals_, globals_[1:]), start=1):
+        resting = "A" if mode == "ffa" or rnd % 2 else "B"
+        for r in results:  # the resting factor came back as it was sent
+            for k in (k for k in r.state if f".lora_{resting}." in k):
+                assert torch.equal(r.state[k], before[k])
+        weights = [float(r.num_samples) for r in results]
+        for prefix, (a, b) in lora_pairs(after).items():  # product of the average = average of the products
+            torch.testing.assert_close(after[b].double() @ after[a].double(), _mean_update(results, weights)[prefix],
+                                       rtol=0, atol=1e-6)
+        up = sum(payload_nbytes({k: v for k, v in r.state.items() if f".lora_{resting}." not in k}) for r in results)
+        assert metrics[rnd - 1].bytes_up == up  # only the trained factor and the head go up
+    init = globals_[0]
+    if mode == "ffa":
+        assert all(torch.equal(globals_[-1][k], init[k]) for k in init if ".lora_A." in k)
+
+
+def test_ffa_halves_the_lora_bytes_of_standard(tmp_path):
+    run_experiment(tiny_config(**RUN), tmp_path / "standard")
+    run_experiment(tiny_config(**RUN, federation__lora_mode="ffa"), tmp_path / "ffa")
+    std, ffa = read_rows(tmp_path / "standard")[-1], read_rows(tmp_path / "ffa")[-1]
+    with Engine(tiny_config(**RUN)) as engine:
+        state = engine.algorithm.global_state()
+    lora = payload_nbytes({k: v for k, v in state.items() if ".lora_" in k})
+    a_only = payload_nbytes({k: v for k, v in state.items() if ".lora_A." in k})
+    assert abs(2 * a_only - lora) < 64  # query/value: square layers, A and B the same size (one header apart)
+    without_a = payload_nbytes({k: v for k, v in state.items() if ".lora_A." not in k})
+    for key in ("bytes_up", "bytes_down"):  # every message of every round is the state without A
+        assert std[key] - ffa[key] == RUN["rounds"] * RUN["clients__per_round"] * (payload_nbytes(state) - without_a)
+
+
+def test_scaffold_with_one_client_is_fedavg(tmp_path):
+    """One client: c_k = c after every round, so the correction is always zero."""
+    one = dict(RUN, clients__num=1, clients__per_round=1)
+    run_experiment(tiny_config(**one), tmp_path / "fedavg")
+    run_experiment(tiny_config(**one, train__correction="scaffold"), tmp_path / "scaffold")
+    plain, scaffold = read_rows(tmp_path / "fedavg"), read_rows(tmp_path / "scaffold")
+    assert [r["eval/loss"] for r in scaffold] == pytest.approx([r["eval/loss"] for r in plain], abs=1e-6)
+
+
+def test_scaffold_control_variates_by_hand():
+    """Option II of SCAFFOLD: c_k+ = c_k - c + (x - y_k) / (K lr), c += sum of changes / N."""
+    cfg = tiny_config(**RUN, train__correction="scaffold")
+    sc = Scaffold(cfg, {"w": torch.zeros(2)})
+    x = {"w": torch.tensor([1.0, 1.0])}
+    results = [ClientResult(0, {"w": torch.tensor([0.8, 1.2])}, 10, 0.0, 0.0, 2),
+               ClientResult(2, {"w": torch.tensor([1.0, 0.6])}, 10, 0.0, 0.0, 2)]
+    sc.update(results, {0: x, 2: x}, lr=0.1)
+    torch.testing.assert_close(sc.clients[0]["w"], torch.tensor([1.0, -1.0]))  # (x - y) / (2 * 0.1)
+    torch.testing.assert_close(sc.clients[2]["w"], torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(sc.c["w"], torch.tensor([1.0, 1.0]) / cfg.clients.num)
+    torch.testing.assert_close(sc.correction(0)["w"], sc.c["w"] - torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(sc.correction(1)["w"], sc.c["w"])  # never sampled: c_k = 0
+    results = [ClientResult(0, {"w": torch.tensor([1.0, 1.0])}, 10, 0.0, 0.0, 2)]  # a second round, y = x
+    c_before = sc.c["w"].clone()
+    sc.update(results, {0: x}, lr=0.1)
+    torch.testing.assert_close(sc.clients[0]["w"], torch.tensor([1.0, -1.0]) - c_before)
+    torch.testing.assert_close(sc.c["w"], c_before - c_before / cfg.clients.num)
+
+
+def test_scaffold_corrects_every_step_and_counts_its_bytes():
+    cfg, seen, globals_, metrics = _round(dict(train__correction="scaffold"))
+    assert seen[0][0][0].correction is not None
+    assert all(float(v.abs().max()) == 0 for v in seen[0][0][0].correction.values())  # round 1: c = c_k = 0
+    assert any(float(v.abs().max()) > 0 for t in seen[1][0] for v in t.correction.values())
+    adapter = payload_nbytes(globals_[0])
+    assert metrics[0].bytes_up == 2 * len(seen[0][1]) * adapter and metrics[0].bytes_down == 2 * len(seen[0][0]) * adapter
+
+
+@pytest.mark.parametrize("over", [dict(train__correction="scaffold"), dict(federation__lora_mode="rolora")])
+def test_resume_is_exact(tmp_path, over):
+    run_experiment(tiny_config(**RUN, **over), tmp_path / "full")
+    part = run_experiment(tiny_config(**RUN, **over), out=str(tmp_path / "part"), stop_after=1)
+    assert main(["run", "--resume", str(part)]) == 0
+    assert [r["eval/loss"] for r in read_rows(part)] == [r["eval/loss"] for r in read_rows(tmp_path / "full")]
+
+
+def _lora_states(k: int, seed: int = 0, shared_rows: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    a_bar = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    states = []
+    for _ in range(k):
+        a = torch.randn(4, 4, generator=g, dtype=torch.float64) @ a_bar if shared_rows else torch.randn(4, 10, generator=g, dtype=torch.float64)
+        states.append({"m.lora_A.weight": a, "m.lora_B.weight": torch.randn(6, 4, generator=g, dtype=torch.float64),
+                       "head.weight": torch.randn(3, 5, generator=g, dtype=torch.float64)})
+    return states
+
+
+def test_lora_fair_matches_the_mean_update_when_it_lies_in_the_averaged_row_space():
+    """A_k = M_k Ā: every client's update has rows in Ā's row space, so with λ = 0 the refined B̄ + ΔB
+    times Ā is exactly Σ p_k B_k A_k, where fedit's B̄ Ā is off; the head is fedit's mean."""
+    states, weights = _lora_states(3, shared_rows=True), [1.0, 2.0, 3.0]
+    target = sum(w / 6 * s["m.lora_B.weight"] @ s["m.lora_A.weight"] for w, s in zip(weights, states))
+    fair, plain = lora_fair(states, weights, lam=0.0), fedit(states, weights)
+    torch.testing.assert_close(fair["m.lora_B.weight"] @ fair["m.lora_A.weight"], target, rtol=0, atol=1e-10)
+    assert float((plain["m.lora_B.weight"] @ plain["m.lora_A.weight"] - target).abs().max()) > 0.1
+    torch.testing.assert_close(fair["m.lora_A.weight"], plain["m.lora_A.weight"])
+    torch.testing.assert_close(fair["head.weight"], plain["head.weight"])
+
+
+def test_lora_fair_with_a_huge_lambda_is_fedit_and_never_worse_than_fedit_at_zero():
+    states, weights = _lora_states(4, seed=1), [1.0, 1.0, 2.0, 5.0]
+    plain = fedit(states, weights)
+    for k, v in lora_fair(states, weights, lam=1e12).items():
+        torch.testing.assert_close(v, plain[k], rtol=0, atol=1e-9)
+    target = sum(w / 9 * s["m.lora_B.weight"] @ s["m.lora_A.weight"] for w, s in zip(weights, states))
+    fair = lora_fair(states, weights, lam=0.0)
+    gap = lambda s: float((s["m.lora_B.weight"] @ s["m.lora_A.weight"] - target).norm())  # noqa: E731
+    assert gap(fair) <= gap(plain)
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(federation__lora_mode="ffa", federation__aggregator="svd"), "needs equal ranks and federation.aggregator=fedit"),
+    (dict(federation__lora_mode="rolora", federation__ranks=[2, 4, 8, 4]), "needs equal ranks"),
+    (dict(train__correction="scaffold", algorithm="declora"), "is for fedavg"),
+    (dict(federation__lora_mode="ffa", algorithm="splitlora"), "is for fedavg"),
+])
+def test_drift_fixes_are_refused_where_factors_are_not_averaged_in_one_frame(over, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**RUN, **over)
+
+
+CASE = dict(train__correction="scaffold", federation__lora_mode="ffa", train__optimizer="adamw", train__client_optimizer="keep")
+
+
+def test_equal_on_workers_and_when_fused(tmp_path):
+    """The frozen keys and the correction travel in the task's bytes: every engine runs the same."""
+    def losses(name, **over):
+        run_experiment(tiny_config(**RUN, **CASE, **over), tmp_path / name)
+        return [r["eval/loss"] for r in read_rows(tmp_path / name)]
+    ref = losses("ref")
+    assert losses("workers", engine__kind="workers", engine__workers=2) == pytest.approx(ref, abs=1e-6)
+    assert losses("fused", engine__fuse=3) == pytest.approx(ref, abs=1e-5)
+    run_experiment(tiny_config(**RUN, federation__aggregator="lora_fair"), tmp_path / "fair")
+    assert len(read_rows(tmp_path / "fair")) == RUN["rounds"] + 1
