@@ -74,7 +74,7 @@ def _report(args) -> int:
 
 def _compare(args) -> int:
     from .compare import check_sweep, format_table, load_sweep, run_sweep
-    from .report import load_run, main_metric, parse_target, time_to_target, write_report
+    from .report import load_run, main_metric, parse_target, seed_summary, time_to_target, write_report
 
     target = parse_target(args.target) if args.target else None
     if args.jobs < 1:
@@ -103,6 +103,11 @@ def _compare(args) -> int:
             row[f"sim s to {target[1]:g}"] = "not reached" if hit is None else f"{hit:.1f}"
         rows.append(row)
     print(format_table(rows))
+    over_seeds = seed_summary(loaded, metric)
+    if over_seeds:
+        print(f"\nover seeds ({metric}, final; std over seeds, n - 1):")
+        print(format_table([{"setting": r["setting"], "seeds": r["seeds"], "mean ± std": f"{r['final_mean']:.4f} ± {r['final_std']:.4f}",
+                             "min": f"{r['final_min']:.4f}", "max": f"{r['final_max']:.4f}"} for r in over_seeds]))
     print(f"report: {html}")
     if result.failed:
         print(f"colora: error: {len(result.failed)} of {len(runs)} sweep runs failed (the report covers the others; "

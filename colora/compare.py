@@ -8,6 +8,7 @@ Sweep format (CONTRACT.md)::
       - {algorithm: central}
       - {algorithm: fedavg}
     grid: {train.lr: [1.0e-4, 5.0e-4]}   # optional: every combination, crossed with runs
+    seeds: [0, 1, 2]                # optional: every run once per seed; the report adds mean ± std
 
 Every config is built and validated before the first run starts, so a typo in the last entry
 costs nothing.
@@ -31,7 +32,7 @@ from pathlib import Path
 from . import rundir
 from .config import ColoraError, Config, build_config, dump_config, quote, read_yaml
 
-SWEEP_KEYS = {"base", "set", "runs", "grid"}
+SWEEP_KEYS = {"base", "set", "runs", "grid", "seeds"}
 # Marks a folder as a sweep's output, which a later compare may write into (report, runs, logs).
 SWEEP_MARKER = ".colora-sweep"
 
@@ -52,7 +53,7 @@ def load_sweep(path: str | Path) -> list[tuple[str, Config]]:
         raise ColoraError(f"sweep file '{path}' must hold a mapping (base, set, runs, grid)")
     unknown = set(sweep) - SWEEP_KEYS
     if unknown:
-        raise ColoraError(f"sweep file '{path}': unknown key {quote(sorted(map(str, unknown))[0])} (expected base, set, runs, grid)")
+        raise ColoraError(f"sweep file '{path}': unknown key {quote(sorted(map(str, unknown))[0])} (expected base, set, runs, grid, seeds)")
     if not isinstance(sweep.get("base"), str):
         raise ColoraError(f"sweep file '{path}' needs a 'base' config (a path to a run config)")
     shapes = {"set": (dict, "a mapping of dotted keys to values"), "grid": (dict, "a mapping of dotted keys to lists"),
@@ -68,6 +69,12 @@ def load_sweep(path: str | Path) -> list[tuple[str, Config]]:
     if not isinstance(base, dict):
         raise ColoraError(f"sweep file '{path}': base config '{sweep['base']}' must hold a mapping of config keys")
     grid = sweep.get("grid") or {}
+    seeds = sweep.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds)
+                              or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
+        raise ColoraError(f"sweep file '{path}': 'seeds' must be a non-empty list of distinct integers >= 0, e.g. [0, 1, 2]")
+    if seeds is not None:  # every run once per seed, the seed last in its name
+        grid = {**grid, "seed": seeds}
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     out = []
     for run in sweep.get("runs") or [{}]:

@@ -8,6 +8,7 @@
 - ``loss_vs_round.png``: training loss and evaluation loss per round;
 - ``label_histograms.png``: per-client label distributions (only if a run has ``partition.json``);
 - ``summary.csv``: one row per run with final/best values, costs and time-to-target columns;
+- ``seeds.csv``: when a setting ran at several seeds, its final metric as mean ± std over them;
 - ``index.html``: a self-contained page with the tables and the plots.
 
 This module needs matplotlib, numpy and PyYAML only, never torch, so reports can be built on a
@@ -21,6 +22,8 @@ import dataclasses
 import html
 import json
 import math
+import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -838,6 +841,46 @@ def _unique_labels(runs: list[Run]) -> list[Run]:
     return out
 
 
+def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
+    """Runs grouped by their config with the seed (and the name) left out, in first-seen order:
+    the same setting at several seeds is one group."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        key = json.dumps({k: v for k, v in run.config.items() if k not in ("seed", "name", "pinned_inputs")},
+                         sort_keys=True, default=str)
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def seed_summary(runs: Sequence[Run], metric: str) -> list[dict]:
+    """One row per setting run at several seeds: the final and best ``metric`` as mean ± std (sample
+    std, n - 1), min and max over the seeds, and the mean costs. Settings run once are left out."""
+    rows = []
+    for group in seed_groups(runs):
+        finals = [v for v in (_final_value(r, metric) for r in group) if v is not None]
+        if len(group) < 2 or len(finals) < 2:
+            continue
+        bests = [v for v in (_best_value(r, metric) for r in group) if v is not None]
+        label = re.sub(r"-seed=\d+$", "", group[0].label)
+        rows.append({
+            "setting": label, "seeds": " ".join(str(r.config.get("seed")) for r in group), "n": len(finals),
+            "main_metric": metric, "final_mean": statistics.fmean(finals), "final_std": statistics.stdev(finals),
+            "final_min": min(finals), "final_max": max(finals),
+            "best_mean": statistics.fmean(bests) if bests else None,
+            "bytes_up_mean": _mean_of(group, "bytes_up"), "sim_time_s_mean": _mean_of(group, "sim_time_s"),
+        })
+    return rows
+
+
+def _mean_of(runs: Sequence[Run], key: str) -> float | None:
+    values = [v for v in (_cost(r, key) for r in runs) if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+SEED_COLUMNS = ["setting", "seeds", "n", "main_metric", "final_mean", "final_std", "final_min", "final_max", "best_mean",
+                "bytes_up_mean", "sim_time_s_mean"]
+
+
 def write_report(
     run_dirs: Iterable[str | Path | Run] | str | Path,
     out_dir: str | Path,
@@ -879,6 +922,9 @@ def write_report(
     if target is not None:
         columns += [key for key, _h, _k in _TARGET_COLUMNS]
     _write_csv(out / "summary.csv", rows, columns)
+    seeds = seed_summary(runs, metric)
+    if seeds:  # the same setting at several seeds: mean ± std over them
+        _write_csv(out / "seeds.csv", seeds, SEED_COLUMNS)
 
     html_path = out / "index.html"
     html_path.write_text(_render_html(rows, colors, metric, target, figures), encoding="utf-8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import statistics
 
 import pytest
 import yaml
@@ -131,3 +132,27 @@ def test_compare_jobs_runs_in_parallel_processes_with_the_same_results(tmp_path,
     assert main(["compare", str(bad), "--out", str(tmp_path / "bad"), "--jobs", "2"]) == 2
     err = capsys.readouterr().err  # refused while validating: nothing ran
     assert "sweep run 1 (" in err and "train.tsv: no such file" in err and not (tmp_path / "bad" / "0-central").exists()
+
+
+def test_a_seeds_list_runs_every_setting_per_seed_and_reports_mean_and_std(tmp_path, capsys):
+    path = _sweep(tmp_path, [{"algorithm": "central"}, {"algorithm": "fedavg"}], {"seeds": [0, 1, 2]})
+    runs = load_sweep(path)
+    assert [(c.algorithm, c.seed) for _, c in runs] == [(a, s) for a in ("central", "fedavg") for s in (0, 1, 2)]
+    assert [name for name, _ in runs][:2] == ["central-seed=0", "central-seed=1"]
+    out = tmp_path / "cmp"
+    assert main(["compare", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "over seeds" in printed and "±" in printed
+    with open(out / "summary.csv") as fh:
+        finals = {(r["algorithm"], r["seed"]): float(r["final"]) for r in csv.DictReader(fh)}
+    with open(out / "seeds.csv") as fh:
+        groups = list(csv.DictReader(fh))
+    assert [(g["seeds"], g["n"]) for g in groups] == [("0 1 2", "3"), ("0 1 2", "3")]
+    for g, algorithm in zip(groups, ("central", "fedavg")):
+        values = [finals[(algorithm, str(s))] for s in (0, 1, 2)]
+        assert float(g["final_mean"]) == pytest.approx(statistics.fmean(values))
+        assert float(g["final_std"]) == pytest.approx(statistics.stdev(values))
+        assert g["setting"].endswith(algorithm)
+    for bad in ([], [0, 0], [-1], ["a"]):
+        with pytest.raises(ColoraError, match="'seeds' must be a non-empty list of distinct integers"):
+            load_sweep(_sweep(tmp_path, [{"algorithm": "central"}], {"seeds": bad}))
