@@ -288,12 +288,14 @@ class FederationConfig(_Strict):
     """Drop a client update whose L2 distance from what the client was sent (over A, B and the head)
     exceeds this, for that round (fedavg, declora; ``rejected_updates`` in metrics.jsonl); ``auto``:
     10x the round's median; null: no bound. Wrong keys, shapes, dtypes or NaN/inf are always dropped."""
-    lora_mode: Literal["standard", "ffa", "rolora"] = "standard"
+    lora_mode: Literal["standard", "ffa", "rolora", "fedsa"] = "standard"
     """Which LoRA factors train and travel (fedavg, equal ranks, ``aggregator: fedit``): ``standard`` both;
     ``ffa`` (FFA-LoRA): A stays at its seeded init and never travels, only B (and the head) train: the
     average is exact and the LoRA bytes halve; ``rolora`` (RoLoRA): B trains in odd rounds, A in even
     ones, the other factor frozen at the global: exact, one factor up per round, down the factor the
-    last round changed (both to a client not sampled last round)."""
+    last round changed (both to a client not sampled last round); ``fedsa`` (FedSA-LoRA): A and the head
+    are averaged, each client keeps its own B (personalised; needs ``eval.client_holdout`` to evaluate
+    each client's own model)."""
     lora_fair_lambda: float = Field(0.01, ge=0)
     """``aggregator: lora_fair``: ridge weight of the server's residual ΔB; large values give plain fedit."""
     robust: Literal["none", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip"] = "none"
@@ -536,6 +538,11 @@ class EvalConfig(_Strict):
     NIST, ROUGE-L, CIDEr (colora.nlg); 0 = off."""
     max_new_tokens: int = Field(64, gt=0)
     """Most tokens generated per input when ``generate`` is on."""
+    client_holdout: float = Field(0.0, ge=0, lt=1)
+    """fedavg: this share of every client's data (seeded, at least one example) is held out of its
+    training, and every eval round the model each client uses (the global; under ``lora_mode: fedsa``
+    its own) is scored on its own held-out slice: ``eval_clients/mean_*``, ``min_*``, ``max_*`` in
+    metrics.jsonl. 0 = off. Hold out the same share in every run of a comparison."""
 
 
 class EngineConfig(_Strict):
@@ -697,9 +704,19 @@ class Config(_Strict):
             return self
         if self.algorithm != "fedavg":
             raise ValueError(f"{what[0]} is for fedavg (algorithm is {self.algorithm}); set it back to its default")
+        if fed.lora_mode == "fedsa" and self.eval.client_holdout == 0:
+            raise ValueError("federation.lora_mode=fedsa trains a personal B per client, scored on the client's own data: "
+                             "set eval.client_holdout (e.g. 0.2)")
         if fed.aggregator != "fedit" or (fed.ranks and len(set(fed.ranks)) > 1) or fed.rank_rule != "uniform":
             raise ValueError(f"{what[0]} keeps factors in one shared coordinate system: it needs equal ranks and "
                              f"federation.aggregator=fedit (got {fed.aggregator}); use fedit and one rank")
+        return self
+
+    @model_validator(mode="after")
+    def _holdout_where_clients_use_a_model(self) -> "Config":
+        if self.eval.client_holdout > 0 and self.algorithm != "fedavg":
+            raise ValueError(f"eval.client_holdout scores fedavg's clients on their own data (algorithm is {self.algorithm}); "
+                             "set it to 0 (declora: gossip.eval_clients)")
         return self
 
     @model_validator(mode="after")

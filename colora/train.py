@@ -40,6 +40,12 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def subset(self, idx) -> "Encoded":
+        """The rows ``idx``, in that order (e.g. a client's held-out slice)."""
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        labels = None if self.labels is None else self.labels[np.asarray(idx, dtype=np.int64)]
+        return Encoded(pick(self.input_ids), pick(self.token_type_ids), labels, pick(self.lm_labels), self.pad_id)
+
     def take(self, n: int) -> "Encoded":
         """The first ``n`` rows (e.g. a capped eval set)."""
         cut = lambda xs: None if xs is None else xs[:n]  # noqa: E731

@@ -24,7 +24,7 @@ RUN = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=3
 
 def _round(over: dict, rounds: int = 2):
     """Run ``rounds`` rounds on an engine, keeping every round's tasks, results and global state."""
-    cfg = tiny_config(**RUN, **over)
+    cfg = tiny_config(**{**RUN, **over})
     seen = []
     with Engine(cfg) as engine:
         algo, run_tasks = engine.algorithm, engine.algorithm.ctx.run_tasks
@@ -185,3 +185,61 @@ def test_equal_on_workers_and_when_fused(tmp_path):
     assert losses("fused", engine__fuse=3) == pytest.approx(ref, abs=1e-5)
     run_experiment(tiny_config(**RUN, federation__aggregator="lora_fair"), tmp_path / "fair")
     assert len(read_rows(tmp_path / "fair")) == RUN["rounds"] + 1
+
+
+HOLD = dict(RUN, data__synthetic_train=120, eval__client_holdout=0.2)
+
+
+def test_fedsa_keeps_each_clients_b_at_home_and_averages_a_and_the_head():
+    cfg, seen, globals_, metrics = _round(dict(HOLD, federation__lora_mode="fedsa"))
+    with Engine(cfg) as engine:
+        init = engine.algorithm.global_state()
+    (tasks1, results1), (tasks2, results2) = seen
+    b_keys = [k for k in init if ".lora_B." in k]
+    own = {r.client_id: {k: r.state[k] for k in b_keys} for r in results1}
+    for t in tasks2:  # a client sampled again starts from its own B, a new one from the init
+        for k in b_keys:
+            assert torch.equal(t.state[k], own[t.client_id][k] if t.client_id in own else init[k])
+    weights = [float(r.num_samples) for r in results2]
+    shared = fedit([{k: v for k, v in r.state.items() if k not in b_keys} for r in results2], weights)
+    after = globals_[2]
+    for k, v in shared.items():  # A and the head: the weighted mean of what the clients sent
+        torch.testing.assert_close(after[k], v, rtol=0, atol=1e-6)
+    up = sum(payload_nbytes({k: v for k, v in r.state.items() if k not in b_keys}) for r in results2)
+    assert metrics[1].bytes_up == up  # B never travels
+    assert "eval_clients/mean_accuracy" in metrics[1].extra and "eval_clients/min_accuracy" in metrics[1].extra
+
+
+def test_client_holdout_rows_never_train_and_score_the_model_each_client_uses(tmp_path):
+    cfg = tiny_config(**HOLD)
+    run_experiment(cfg, tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
+    with Engine(cfg) as engine:
+        for part, held, train in zip(engine.parts, engine.holdout, engine.train_parts):
+            assert len(held) == max(1, round(0.2 * len(part))) and not set(held) & set(train)
+            assert sorted([*held, *train]) == sorted(part)
+        assert engine.algorithm.ctx.client_sizes == [len(t) for t in engine.train_parts]
+        for rnd in range(1, cfg.rounds + 1):
+            engine.algorithm.run_round(rnd)
+        direct = [engine.evaluate_client(engine.algorithm.global_state(), k)["eval/accuracy"] for k in range(cfg.clients.num)]
+    assert rows[-1]["eval_clients/mean_accuracy"] == pytest.approx(sum(direct) / len(direct))
+    assert rows[-1]["eval_clients/min_accuracy"] == pytest.approx(min(direct))
+    assert "held_out" in (tmp_path / "run" / "partition.json").read_text()
+
+
+def test_fedsa_resumes_exactly(tmp_path):
+    over = dict(HOLD, federation__lora_mode="fedsa")
+    run_experiment(tiny_config(**over), tmp_path / "full")
+    part = run_experiment(tiny_config(**over), out=str(tmp_path / "part"), stop_after=1)
+    assert main(["run", "--resume", str(part)]) == 0
+    keys = ("eval/loss", "eval_clients/mean_accuracy", "eval_clients/max_loss")
+    assert [[r.get(k) for k in keys] for r in read_rows(part)] == [[r.get(k) for k in keys] for r in read_rows(tmp_path / "full")]
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(federation__lora_mode="fedsa"), "set eval.client_holdout"),
+    (dict(eval__client_holdout=0.2, algorithm="declora"), "scores fedavg's clients"),
+])
+def test_fedsa_and_holdout_settings_are_checked(over, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**RUN, **over)

@@ -44,6 +44,8 @@ class Context:
     # One device profile per client (colora.system.client_profiles): the cost model's rates.
     devices: list[DeviceProfile] = field(default_factory=list)
     num_labels: int | None = None  # the task's classes (1: regression; None: a causal LM)
+    # eval.client_holdout: evaluate a state on one client's own held-out slice
+    evaluate_client: Callable[[AdapterState, int], dict[str, float]] | None = None
 
 
 class Algorithm(ABC):
@@ -65,6 +67,17 @@ class Algorithm(ABC):
             raise ColoraError("clients.byzantine.attack=label_flip needs a classification task (this one has no classes to "
                               "flip); use sign_flip, gaussian or scaled")
         self.budget = check_budget(self.cfg, ctx.client_sizes)  # before training: a run that would overspend is refused
+
+    def eval_due(self, rnd: int) -> bool:
+        """Whether the engine evaluates after round ``rnd`` (same rule as the engine's loop)."""
+        return rnd % self.cfg.eval.every == 0 or rnd == self.cfg.rounds
+
+    def client_metrics(self, rnd: int, model_of: Callable[[int], AdapterState]) -> dict[str, float]:
+        """eval.client_holdout: every client's model (``model_of(k)``) scored on its own held-out slice
+        (K extra evaluations of small slices each eval round)."""
+        if self.ctx.evaluate_client is None or not self.eval_due(rnd):
+            return {}
+        return summarize_clients([self.ctx.evaluate_client(model_of(k), k) for k in range(self.cfg.clients.num)])
 
     def privacy_spent(self, rnd: int, steps: list[int]) -> dict:
         """metrics.jsonl's ``epsilon`` after round ``rnd`` (colora.privacy): DP-FedAvg's over the rounds,
@@ -122,6 +135,17 @@ class Algorithm(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+def summarize_clients(evals: list[dict[str, float]]) -> dict[str, float]:
+    """Per-client eval metrics as ``eval_clients/mean_*``, ``min_*`` and ``max_*`` over the clients."""
+    out = {}
+    for key in evals[0]:
+        vals = [e[key] for e in evals]
+        name = key.removeprefix("eval/")
+        out |= {f"eval_clients/mean_{name}": float(np.mean(vals)), f"eval_clients/min_{name}": float(np.min(vals)),
+                f"eval_clients/max_{name}": float(np.max(vals))}
+    return out
 
 
 def sample_clients(seed: int, rnd: int, num: int, per_round: int) -> list[int]:

@@ -48,7 +48,7 @@ from ..schedule import lr_at
 from ..states import lora_rank, payload_nbytes
 from ..topology import Topology, TopologySchedule, mix_row
 from ..types import AdapterState, ClientTask, RoundResult
-from .base import Algorithm, screen_round
+from .base import Algorithm, screen_round, summarize_clients
 
 
 def network_average(states: list[AdapterState]) -> AdapterState:
@@ -165,10 +165,6 @@ class DecLoRA(Algorithm):
         if cfg.federation.robust != "none":
             self._check_neighbourhoods(self.schedule.at(1))  # before training; time-varying graphs again each round
 
-    def eval_due(self, rnd: int) -> bool:
-        """Whether the engine evaluates after round ``rnd`` (same rule as the engine's loop)."""
-        return rnd % self.cfg.eval.every == 0 or rnd == self.cfg.rounds
-
     def _fresh_edges(self, rnd: int, top: Topology) -> frozenset[tuple[int, int]]:
         if not self.cfg.gossip.time_varying or rnd == 1:
             return frozenset()  # round 1: every copy is the shared initial adapter
@@ -223,14 +219,7 @@ class DecLoRA(Algorithm):
 
     def _eval_clients(self) -> dict[str, float]:
         # n extra evaluations of the eval split on each eval round (the costliest option here).
-        evals = [self.ctx.evaluate(s) for s in self.states]
-        out = {}
-        for key in evals[0]:
-            vals = [e[key] for e in evals]
-            name = key.removeprefix("eval/")
-            out |= {f"eval_clients/mean_{name}": float(np.mean(vals)), f"eval_clients/min_{name}": float(np.min(vals)),
-                    f"eval_clients/max_{name}": float(np.max(vals))}
-        return out
+        return summarize_clients([self.ctx.evaluate(s) for s in self.states])
 
     def global_state(self) -> AdapterState:
         return network_average(self.states)

@@ -1,4 +1,4 @@
-"""fedavg's drift fixes that change what trains and travels: FFA-LoRA and RoLoRA
+"""fedavg's drift fixes that change what trains and travels: FFA-LoRA, RoLoRA and FedSA-LoRA
 (``federation.lora_mode``) and SCAFFOLD (``train.correction``). Bookkeeping over adapter states;
 the client side is ClientTask.frozen (keys kept fixed) and ClientTask.correction (added to every
 local gradient), run by colora.train.LocalTrainer.
@@ -28,6 +28,11 @@ def trained_factor(mode: str, rnd: int) -> str | None:
     return None
 
 
+def home_keys(mode: str, state: AdapterState) -> list[str]:
+    """Keys a client trains but never sends: FedSA-LoRA's personal B."""
+    return factor_keys(state, "B") if mode == "fedsa" else []
+
+
 def frozen_keys(mode: str, rnd: int, state: AdapterState) -> list[str]:
     """What clients keep fixed in round ``rnd``: the factor that does not train."""
     factor = trained_factor(mode, rnd)
@@ -38,8 +43,8 @@ def sent_keys(mode: str, rnd: int, state: AdapterState, sampled_last_round: bool
     """The keys of ``state`` a client must download in round ``rnd``: FFA never sends A (the seeded
     init every client builds itself); RoLoRA sends what changed last round (the factor trained then,
     and the head) and, to a client not sampled last round, the factor that trains now as well."""
-    if mode == "ffa":
-        return [k for k in state if k not in set(factor_keys(state, "A"))]
+    if mode in ("ffa", "fedsa"):  # FFA: A is the seeded init; FedSA: B is the client's own
+        return [k for k in state if k not in set(factor_keys(state, "A" if mode == "ffa" else "B"))]
     if mode == "rolora" and rnd > 1 and sampled_last_round:
         resting = set(factor_keys(state, trained_factor(mode, rnd)))  # unchanged since the client last held it
         return [k for k in state if k not in resting]
@@ -87,3 +92,46 @@ class Scaffold:
 
     def load_state_dict(self, state: dict) -> None:
         self.c, self.clients = state["c"], {int(k): v for k, v in state["clients"].items()}
+
+
+class PersonalB:
+    """FedSA-LoRA (Guo et al. 2025): A and the head are shared and averaged, every client keeps its
+    own B (what adapts the shared subspace to its data). Each client's B starts at the global init
+    (zero) and is kept here as the client would keep it (checkpointed); it never travels. The
+    reference global model (what ``global_state`` evaluates) carries the data-weighted mean of the
+    clients' B."""
+
+    def __init__(self, initial: AdapterState, sizes: list[int]):
+        self.keys = factor_keys(initial, "B")
+        self.sizes = sizes
+        self.clients: dict[int, AdapterState] = {}
+        self.initial = {k: initial[k] for k in self.keys}
+
+    def own(self, client: int) -> AdapterState:
+        return self.clients.get(client, self.initial)
+
+    def task_state(self, client: int, sent: AdapterState) -> AdapterState:
+        """What ``client`` trains from: the shared A and head, its own B."""
+        return {**sent, **self.own(client)}
+
+    def keep(self, results: list[ClientResult]) -> None:
+        for r in results:
+            if not r.failed:
+                self.clients[r.client_id] = {k: r.state[k] for k in self.keys}
+
+    def shared(self, state: AdapterState, global_state: AdapterState) -> AdapterState:
+        """An upload as the server averages it: the client's A and head, B left at the global's."""
+        return {**state, **{k: global_state[k] for k in self.keys}}
+
+    def model_of(self, client: int, global_state: AdapterState) -> AdapterState:
+        return {**global_state, **self.own(client)}
+
+    def reference(self, global_state: AdapterState) -> AdapterState:
+        total = float(sum(self.sizes))
+        return {**global_state, **{k: sum(n / total * self.own(c)[k] for c, n in enumerate(self.sizes)) for k in self.keys}}
+
+    def state_dict(self) -> dict:
+        return {"clients": self.clients}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clients = {int(k): v for k, v in state["clients"].items()}

@@ -24,7 +24,7 @@ from ..schedule import lr_at
 from ..states import lora_rank, payload_nbytes
 from ..types import ClientTask, RoundResult
 from .base import Algorithm, sample_clients, screen_round
-from .drift import Scaffold, frozen_keys, nbytes, sent_keys
+from .drift import PersonalB, Scaffold, frozen_keys, home_keys, nbytes, sent_keys
 from .server import AdapterServer
 
 
@@ -46,6 +46,8 @@ class FedAvg(Algorithm):
         self.server_opt_state: dict = {}
         self.client_steps = [0] * self.cfg.clients.num  # each client's own batch counter
         self.scaffold = Scaffold(self.cfg, self.server.state) if self.cfg.train.correction == "scaffold" else None
+        fedsa = self.cfg.federation.lora_mode == "fedsa"
+        self.personal = PersonalB(self.server.state, ctx.client_sizes) if fedsa else None
 
     def run_round(self, rnd: int) -> RoundResult:
         cfg, server = self.cfg, self.server
@@ -59,19 +61,24 @@ class FedAvg(Algorithm):
                  for k in sampled]
         if self.scaffold is not None:  # c travels down with the adapter
             downs = [d + payload_nbytes(self.scaffold.c) for d in downs]
-        tasks = [ClientTask(k, sent[k], self.client_steps[k], steps, lr, prox_anchor=sent[k] if cfg.train.prox_mu > 0 else None,
+        start = {k: self.personal.task_state(k, sent[k]) if self.personal else sent[k] for k in sampled}
+        tasks = [ClientTask(k, start[k], self.client_steps[k], steps, lr, prox_anchor=sent[k] if cfg.train.prox_mu > 0 else None,
                             keep_optimizer=keep, rank=server.ranks[k], base_delta=delta, moments=self.moments.get(k),
                             flip_labels=self.flip_labels(k), frozen=frozen,
                             correction=self.scaffold.correction(k) if self.scaffold else None) for k in sampled]
         results = self.ctx.run_tasks(tasks)
-        self.attack(rnd, results, sent)
+        self.attack(rnd, results, start)
         for r in results:
             self.client_steps[r.client_id] += r.steps
         received = results  # every sampled client ran; a dropped update still crossed the wire
-        results, rejected = screen_round(rnd, results, sent, cfg.federation.max_update_norm)
+        results, rejected = screen_round(rnd, results, start, cfg.federation.max_update_norm)
         self.keep_moments(results)
-        states = [server.receive(r.client_id, r.state) for r in results]
-        travels = lambda st: nbytes(st, [k for k in st if k not in frozen])  # noqa: E731 - a frozen factor stays home
+        if self.personal is not None:  # FedSA: each client keeps its B; the server averages A and the head
+            self.personal.keep(results)
+        states = [server.receive(r.client_id, r.state if self.personal is None else self.personal.shared(r.state, server.state))
+                  for r in results]
+        home = set(frozen) | set(home_keys(mode, server.state))
+        travels = lambda st: nbytes(st, [k for k in st if k not in home])  # noqa: E731 - frozen and personal keys stay home
         up_of = {r.client_id: 0 if r.failed else travels(r.state) for r in received}
         up_of.update({r.client_id: travels(st) for r, st in zip(results, states)})  # HetLoRA: the pruned upload
         if self.scaffold is not None:  # each client's change of its control variate goes up too
@@ -93,14 +100,20 @@ class FedAvg(Algorithm):
         loss = float(np.average([r.loss for r in results], weights=weights))
         return RoundResult(loss, sum(ups), sum(downs), sim, {"clients": len(results), "global_rank": lora_rank(server.state),
                                                              "rejected_updates": len(rejected),
-                                                             **self.privacy_spent(rnd, self.client_steps)})
+                                                             **self.privacy_spent(rnd, self.client_steps),
+                                                             **self.client_metrics(rnd, self.client_model)})
+
+    def client_model(self, client: int):
+        """The model ``client`` uses: the global, or under FedSA the global with its own B."""
+        return self.personal.model_of(client, self.server.state) if self.personal else self.server.state
 
     def global_state(self):
-        return self.server.state
+        return self.personal.reference(self.server.state) if self.personal else self.server.state
 
     def state_dict(self) -> dict:
         return {"server": self.server.state_dict(), "server_opt": self.server_opt_state, "client_steps": self.client_steps,
-                "moments": self.moments, **({"scaffold": self.scaffold.state_dict()} if self.scaffold else {})}
+                "moments": self.moments, **({"scaffold": self.scaffold.state_dict()} if self.scaffold else {}),
+                **({"personal": self.personal.state_dict()} if self.personal else {})}
 
     def load_state_dict(self, state: dict) -> None:
         # Checkpoints before the one-rule server kept the equal-rank global under "state".
@@ -111,3 +124,5 @@ class FedAvg(Algorithm):
         self.moments = dict(state.get("moments", {}))
         if self.scaffold is not None:
             self.scaffold.load_state_dict(state["scaffold"])
+        if self.personal is not None:
+            self.personal.load_state_dict(state["personal"])

@@ -62,7 +62,9 @@ class Engine:
                 self.eval_data = self.eval_data.take(d.max_eval)
             self.parts = self._partition(len(train))
             algo_cls = get_algorithm(cfg.algorithm)
-            self.train_parts = [np.arange(len(train))] if algo_cls.pooled_data else self.parts
+            self.holdout = holdout_slices(self.parts, cfg.eval.client_holdout, cfg.seed)  # eval.client_holdout
+            self.train_parts = [np.arange(len(train))] if algo_cls.pooled_data else [
+                np.setdiff1d(p, h, assume_unique=True) for p, h in zip(self.parts, self.holdout)]
             self.devices = client_profiles(cfg)
             self.split = None  # the split runner, once the cut exists (below)
             self.ranks = [cfg.model.lora.r] if algo_cls.pooled_data else self._assign_ranks_early(algo_cls)
@@ -77,7 +79,8 @@ class Engine:
             ctx = Context(cfg, self.executor.run_tasks, self.slots.get(), [len(p) for p in self.train_parts],
                           self.slots.num_params(), self.evaluate, client_ranks=self.ranks,
                           initial_state_at=self.adapters.initial_state, split=self.split, devices=self.devices,
-                          num_labels=self.task.num_labels if self.task.kind == "seq-cls" else None)
+                          num_labels=self.task.num_labels if self.task.kind == "seq-cls" else None,
+                          evaluate_client=self.evaluate_client if cfg.eval.client_holdout > 0 else None)
             self.algorithm = algo_cls(ctx)
         except BaseException:
             self.close()
@@ -193,6 +196,8 @@ class Engine:
         """Per-client sizes and label histograms (saved as partition.json, printed at start)."""
         labels = self.task.train.labels
         info = {"scheme": self.cfg.clients.partition, "sizes": [len(p) for p in self.parts]}
+        if self.cfg.eval.client_holdout > 0:
+            info["held_out"] = [len(h) for h in self.holdout]
         if len(self.ranks) == len(self.parts):
             info["ranks"], info["rank_rule"] = self.ranks, rank_rule_name(self.cfg.federation)
         if self.algorithm.attackers:
@@ -208,6 +213,12 @@ class Engine:
         if self.task.metric_names:
             return f"eval/{self.task.metric_names[0]}"
         return "eval/perplexity" if self.task.kind == "causal-lm" else "eval/loss"
+
+    def evaluate_client(self, state, client: int) -> dict[str, float]:
+        """``state``'s eval metrics on ``client``'s own held-out slice (eval.client_holdout)."""
+        self.adapters.load_for_eval(state)
+        data = self.runtime.trainer.data.subset(self.holdout[client])
+        return evaluate(self.model, data, self.task, self.cfg.train.eval_batch_size, self.cfg.train.precision)
 
     def evaluate(self, state) -> dict[str, float]:
         self.adapters.load_for_eval(state)
@@ -231,6 +242,22 @@ class Engine:
             self.algorithm.adopt_legacy_optimizers(state["optimizers"])
         if self.split is not None:
             self.split.load_state_dict(state["split"])
+
+
+def holdout_slices(parts: list[np.ndarray], share: float, seed: int) -> list[np.ndarray]:
+    """Each client's held-out rows: a seeded ``share`` of its data (at least one row, and at least one
+    left to train on); empty slices when ``share`` is 0."""
+    out = []
+    for k, part in enumerate(parts):
+        if share == 0:
+            out.append(part[:0])
+            continue
+        n = max(1, round(share * len(part)))
+        if len(part) - n < 1:
+            raise ColoraError(f"eval.client_holdout={share:g}: client {k} has {len(part)} examples, too few to hold "
+                              "any out and still train; use fewer clients or a smaller share")
+        out.append(np.sort(np.random.default_rng([seed, 0x401D, k]).permutation(part)[:n]))
+    return out
 
 
 def check_max_length(model_config, max_length: int) -> None:
