@@ -296,6 +296,9 @@ class FederationConfig(_Strict):
     last round changed (both to a client not sampled last round); ``fedsa`` (FedSA-LoRA): A and the head
     are averaged, each client keeps its own B (personalised; needs ``eval.client_holdout`` to evaluate
     each client's own model)."""
+    rank_partitioned: bool = False
+    """``svd`` / ``hlora`` (raFLoRA): average each rank partition of the clients' updates over the clients
+    that reach it, against "rank collapse" onto the smallest rank (colora/aggregation/rank_partition.py)."""
     lora_fair_lambda: float = Field(0.01, ge=0)
     """``aggregator: lora_fair``: ridge weight of the server's residual ΔB; large values give plain fedit."""
     robust: Literal["none", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip"] = "none"
@@ -710,6 +713,13 @@ class Config(_Strict):
         if fed.aggregator != "fedit" or (fed.ranks and len(set(fed.ranks)) > 1) or fed.rank_rule != "uniform":
             raise ValueError(f"{what[0]} keeps factors in one shared coordinate system: it needs equal ranks and "
                              f"federation.aggregator=fedit (got {fed.aggregator}); use fedit and one rank")
+        return self
+
+    @model_validator(mode="after")
+    def _rank_partitions_of_an_svd(self) -> "Config":
+        if self.federation.rank_partitioned and self.federation.aggregator not in ("svd", "hlora"):
+            raise ValueError(f"federation.rank_partitioned re-weights the SVD rules' rank partitions: it needs "
+                             f"federation.aggregator=svd or hlora (got {self.federation.aggregator})")
         return self
 
     @model_validator(mode="after")

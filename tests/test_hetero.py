@@ -397,7 +397,8 @@ def test_every_rule_is_registered_with_its_exactness():
     from colora.aggregation import EXACT
 
     assert {n for n, rule in RULES.items() if not rule.equal_ranks} == {"zero_pad", "svd", "stack", "hlora"}
-    assert EXACT == {"fedit": False, "product": True, "zero_pad": False, "svd": True, "stack": True, "hlora": True}
+    assert EXACT == {"fedit": False, "product": True, "zero_pad": False, "svd": True, "stack": True, "hlora": True,
+                     "lora_fair": False}
 
 
 def test_kept_optimizer_moments_restart_when_a_clients_rank_changes():

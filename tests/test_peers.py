@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colora.aggregation import fedit, lora_fair
+from colora.aggregation import RULES, fedit, get_rule, lora_fair
 from colora.algorithms.drift import Scaffold
 from colora.cli import main
 from colora.config import ConfigError
@@ -243,3 +243,43 @@ def test_fedsa_resumes_exactly(tmp_path):
 def test_fedsa_and_holdout_settings_are_checked(over, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(**RUN, **over)
+
+
+def _component_state(us, vs, sigmas, d_out=6, d_in=5):
+    """A rank-len(sigmas) state whose B A is Σ σ_i u_i v_iᵀ (orthonormal u's and v's)."""
+    b = torch.stack([s * u for s, u in zip(sigmas, us)], 1)  # d_out x r
+    a = torch.stack(list(vs), 0)  # r x d_in
+    return {"m.lora_A.weight": a.double(), "m.lora_B.weight": b.double()}
+
+
+def test_rank_partitioned_weighting_by_hand():
+    """Ranks 1 and 2, equal weights: partition 1 (component 0) has both clients (P = 1); partition 2
+    (component 1) only the rank-2 client (P = 1/2), so its second component counts twice:
+    ΔW = ½·s₁·ΔW₁ + ½·s₂·(c₀ + 2 c₁), s_r = alpha / r."""
+    q_out, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    q_in, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    one = _component_state([q_out[:, 0]], [q_in[:, 0]], [1.5])
+    two = _component_state([q_out[:, 0], q_out[:, 1]], [q_in[:, 0], q_in[:, 1]], [3.0, 1.0])
+    alpha = 4.0
+    c0, c1 = 3.0 * torch.outer(q_out[:, 0], q_in[:, 0]), torch.outer(q_out[:, 1], q_in[:, 1])
+    expected = 0.5 * alpha * 1.5 * torch.outer(q_out[:, 0], q_in[:, 0]) + 0.5 * (alpha / 2) * (c0 + 2 * c1)
+    rule = get_rule(tiny_config(**RUN, federation__aggregator="svd", federation__ranks=[1, 2, 2, 2],
+                                federation__rank_partitioned=True).federation)
+    out = rule.aggregate([one, two], [1.0, 1.0], alpha, 2, None)
+    torch.testing.assert_close((alpha / 2) * out["m.lora_B.weight"] @ out["m.lora_A.weight"], expected, rtol=0, atol=1e-10)
+    plain = RULES["svd"].aggregate([one, two], [1.0, 1.0], alpha, 2, None)  # the diluted second component
+    torch.testing.assert_close((alpha / 2) * plain["m.lora_B.weight"] @ plain["m.lora_A.weight"],
+                               expected - 0.5 * (alpha / 2) * c1, rtol=0, atol=1e-10)
+
+
+def test_rank_partitioned_with_equal_ranks_is_svd_and_runs_with_mixed_ranks(tmp_path):
+    states = [_lora_states(1, seed=s)[0] for s in range(3)]
+    plain = RULES["svd"].aggregate(states, [1.0, 2.0, 3.0], 8.0, 4, None)
+    part = get_rule(tiny_config(**RUN, federation__aggregator="svd", federation__rank_partitioned=True).federation)
+    for k, v in part.aggregate(states, [1.0, 2.0, 3.0], 8.0, 4, None).items():
+        torch.testing.assert_close(v, plain[k], rtol=0, atol=1e-9)
+    run_experiment(tiny_config(**RUN, federation__aggregator="svd", federation__ranks=[2, 4, 8, 4],
+                               federation__rank_partitioned=True), tmp_path / "run")
+    assert len(read_rows(tmp_path / "run")) == RUN["rounds"] + 1
+    with pytest.raises(ConfigError, match="rank_partitioned"):
+        tiny_config(**RUN, federation__rank_partitioned=True)  # fedit has no SVD to partition

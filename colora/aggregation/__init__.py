@@ -20,6 +20,7 @@ from .hetero import RankedRule, equal_rank_rule
 from .hlora import HLORA
 from .lora_fair import lora_fair
 from .product import PRODUCT, product
+from .rank_partition import rank_partitioned
 from .server_opt import server_step
 from .stack import STACK
 from .svd import SVD
@@ -32,9 +33,15 @@ RULES: dict[str, RankedRule] = {rule.name: rule for rule in (FEDIT, PRODUCT, ZER
 EXACT = {name: rule.exact for name, rule in RULES.items()}
 
 
+def _partitioned(aggregate, states, weights, alpha, rank, previous=None):
+    return aggregate(rank_partitioned(states, weights), weights, alpha, rank, previous)
+
+
 def get_rule(fed: FederationConfig) -> RankedRule:
     """The rule ``fed.aggregator`` names, with its ``federation.hetlora_*`` options bound."""
     rule = RULES[fed.aggregator]
+    if fed.rank_partitioned and rule in (SVD, HLORA):  # raFLoRA: re-weight the rank partitions first
+        return RankedRule(rule.name, partial(_partitioned, rule.aggregate), rule.for_client, rule.exact)
     if rule is LORA_FAIR:
         return equal_rank_rule(rule.name, partial(lora_fair, lam=fed.lora_fair_lambda), exact=False)
     if rule is ZERO_PAD and fed.hetlora_sparsity_weighting:
