@@ -39,7 +39,6 @@ from colora.privacy import epsilon, local_epsilon  # noqa: E402
 from colora.report import load_run, main_metric, seed_groups  # noqa: E402
 
 BASE = ROOT / "examples" / "sst2_noniid.yaml"
-BASE_NAME = "sst2-noniid"
 RULES = ["median", "trimmed_mean", "krum", "multi_krum", "norm_clip"]
 ATTACK = {"clients.byzantine.fraction": 0.2, "clients.byzantine.attack": "sign_flip"}
 ROBUST = {"krum": {"federation.robust_f": 2}, "multi_krum": {"federation.robust_f": 2}, "trimmed_mean": {"federation.trim_fraction": 0.2}}
@@ -78,7 +77,7 @@ def dp_runs(base: dict, sets: dict, seeds: list[int]) -> list[dict]:
                 spent = lambda c: epsilon(c, c.rounds)  # noqa: E731
             else:
                 spent = lambda c: max(local_epsilon(c, n, [c.rounds * c.train.local_steps] * len(n)) for n in sizes)  # noqa: E731
-            z = round(noise_for(cfg_of, eps, spent), 4) + 1e-4  # just above: spends a little under epsilon
+            z = round(noise_for(cfg_of, eps, spent) + 1e-4, 4)  # just above: spends a little under epsilon
             runs.append({"privacy.mode": mode, "privacy.clip": clip, "privacy.noise_multiplier": z, "privacy.target_epsilon": eps})
     return runs
 
@@ -104,9 +103,18 @@ def summarize(runs, shares: list[float]) -> list[tuple[str, float, float, list[f
     for group in seed_groups(runs):
         finals = [r.summary["final"][metric] for r in group]
         one_class = sum(1 for v in finals if any(abs(v - share) < 1e-9 for share in shares))
-        label = group[0].label.rsplit("-seed=", 1)[0].removeprefix(BASE_NAME).removeprefix("-") or "fedavg"
+        label = describe(group[0].config)
         rows.append((label, statistics.fmean(finals), statistics.stdev(finals) if len(finals) > 1 else 0.0, finals, one_class))
     return rows
+
+
+def describe(config: dict) -> str:
+    """A setting's short name from its config: attack and robust rule, or DP mode, epsilon and noise."""
+    privacy, fed, byz = config.get("privacy", {}), config.get("federation", {}), config.get("clients", {}).get("byzantine", {})
+    if privacy.get("mode", "none") != "none":
+        return f"{privacy['mode']} DP, epsilon {privacy['target_epsilon']:g} (noise {privacy['noise_multiplier']:g})"
+    attack = f"{byz['fraction']:.0%} {byz['attack']}" if byz.get("fraction") else "clean"
+    return f"{attack}, {fed.get('robust', 'none') if fed.get('robust', 'none') != 'none' else 'plain fedavg'}"
 
 
 def class_shares(base: dict, sets: dict) -> list[float]:
