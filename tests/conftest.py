@@ -54,6 +54,25 @@ def cli_error(tmp_path: Path, capsys, raw: dict, sets: list[str]) -> str:
     return err
 
 
+def round_one_killing_a_worker(cls, ref, eng, kill) -> None:
+    """Round 1 on ``ref`` and on ``eng``, killing one of ``eng``'s workers (``kill()``) right after
+    ``cls.handle`` (a split server part) first answers: that worker then waits for this reply."""
+    handle, calls = cls.handle, []
+
+    def kill_after_first_answer(server, blob):
+        out = handle(server, blob)
+        calls.append(1)
+        if len(calls) == 1:
+            kill()
+        return out
+    ref.algorithm.run_round(1)
+    cls.handle = kill_after_first_answer
+    try:
+        eng.algorithm.run_round(1)
+    finally:
+        cls.handle = handle
+
+
 def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -21,7 +21,7 @@ from colora.messages import decode_result, decode_task, encode_result, encode_ta
 from colora.split.server import SplitServer
 from colora.types import ClientResult, ClientTask
 
-from .conftest import cli_error, read_rows, tiny_config, tiny_raw
+from .conftest import cli_error, read_rows, round_one_killing_a_worker, tiny_config, tiny_raw
 
 SMALL = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=32, rounds=2, clients__num=4,
              clients__per_round=3, train__local_steps=2)
@@ -126,20 +126,7 @@ def test_a_killed_worker_is_restarted_and_changes_nothing(tmp_path, capsys):
 
     case = "splitlora-per_client-u_shaped-mixed"
     with Engine(tiny_config(**SMALL, **CASES[case])) as ref, Engine(_cfg(case, kind="workers", workers=2)) as eng:
-        handle, calls = SplitServer.handle, []
-
-        def kill_after_first_answer(server, blob):
-            out = handle(server, blob)
-            calls.append(1)
-            if len(calls) == 1:  # the worker of job 0 now waits for this reply: kill it
-                _kill(eng, 0)
-            return out
-        ref.algorithm.run_round(1)
-        SplitServer.handle = kill_after_first_answer
-        try:
-            eng.algorithm.run_round(1)
-        finally:
-            SplitServer.handle = handle
+        round_one_killing_a_worker(SplitServer, ref, eng, lambda: _kill(eng, 0))  # the worker of job 0
         assert eng.executor.dispatcher.restarts == 1
         assert all(torch.equal(ref.algorithm.global_state()[k], v) for k, v in eng.algorithm.global_state().items())
     assert capsys.readouterr().out.count("colora: workers worker 0 (pid") == 2  # each restart is logged

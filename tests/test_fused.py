@@ -22,7 +22,7 @@ from colora.messages import MessageError, bundle, unbundle
 from colora.split.group import ServerGroup
 from colora.types import ClientTask
 
-from .conftest import cli_error, read_rows, tiny_config, tiny_raw, write_e2e, write_glue
+from .conftest import cli_error, read_rows, round_one_killing_a_worker, tiny_config, tiny_raw, write_e2e, write_glue
 
 SMALL = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=32, clients__num=4,
              train__optimizer="adamw")
@@ -194,21 +194,10 @@ def test_a_worker_killed_mid_fused_split_group_is_replayed(tmp_path, capsys):
     case = RUN_CASES["splitlora-per_client-u_shaped-mixed-keep"]
     with Engine(tiny_config(**RUN, **case)) as ref, \
             Engine(tiny_config(**RUN, **case, engine__kind="workers", engine__workers=2, engine__fuse=2)) as eng:
-        handle, calls = ServerGroup.handle, []
-
-        def kill_after_first_answer(group, blob):
-            out = handle(group, blob)
-            calls.append(1)
-            if len(calls) == 1:  # the worker of group 0 now waits for this reply: kill it
-                os.kill(eng.executor.pids()[0], signal.SIGKILL)
-                eng.executor.dispatcher.transport.procs[0].join(10)
-            return out
-        ref.algorithm.run_round(1)
-        ServerGroup.handle = kill_after_first_answer
-        try:
-            eng.algorithm.run_round(1)
-        finally:
-            ServerGroup.handle = handle
+        def kill():  # the worker of group 0
+            os.kill(eng.executor.pids()[0], signal.SIGKILL)
+            eng.executor.dispatcher.transport.procs[0].join(10)
+        round_one_killing_a_worker(ServerGroup, ref, eng, kill)
         assert eng.executor.dispatcher.restarts == 1
         for k, v in eng.algorithm.global_state().items():
             torch.testing.assert_close(v, ref.algorithm.global_state()[k], rtol=0, atol=1e-6)
