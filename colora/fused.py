@@ -89,7 +89,12 @@ class FusedStep:
 
     def split(self, t: torch.Tensor) -> list[torch.Tensor]:
         """``t``'s rows per client (views; their backward is one concatenation, not K scatters)."""
-        return [t] if self.current is not None else list(t.split(self.rows))
+        if self.current is not None:
+            return [t]
+        if t.shape[0] != self.rows * len(self.params):  # a layout this module does not know: never guess
+            raise ColoraError(f"engine.fuse: a {tuple(t.shape)} tensor inside the model does not hold the clients' "
+                              f"{len(self.params)} x {self.rows} rows first; set engine.fuse=1 for this model")
+        return list(t.split(self.rows))
 
     def segments(self) -> list[int]:
         return list(range(len(self.params))) if self.current is None else [self.current]
