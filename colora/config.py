@@ -707,6 +707,10 @@ class Config(_Strict):
             return self
         if self.algorithm != "fedavg":
             raise ValueError(f"{what[0]} is for fedavg (algorithm is {self.algorithm}); set it back to its default")
+        if fed.lora_mode == "rolora" and fed.server_optimizer != "none":
+            raise ValueError(f"federation.lora_mode=rolora rests one factor each round, but "
+                             f"federation.server_optimizer={fed.server_optimizer} would keep moving it by momentum; "
+                             "set federation.server_optimizer=none")
         if fed.lora_mode == "fedsa" and self.eval.client_holdout == 0:
             raise ValueError("federation.lora_mode=fedsa trains a personal B per client, scored on the client's own data: "
                              "set eval.client_holdout (e.g. 0.2)")

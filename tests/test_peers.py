@@ -165,6 +165,7 @@ def test_lora_fair_with_a_huge_lambda_is_fedit_and_never_worse_than_fedit_at_zer
     (dict(federation__lora_mode="ffa", federation__aggregator="svd"), "needs equal ranks and federation.aggregator=fedit"),
     (dict(federation__lora_mode="rolora", federation__ranks=[2, 4, 8, 4]), "needs equal ranks"),
     (dict(train__correction="scaffold", algorithm="declora"), "is for fedavg"),
+    (dict(federation__lora_mode="rolora", federation__server_optimizer="fedadam"), "would keep moving it by momentum"),
     (dict(federation__lora_mode="ffa", algorithm="splitlora"), "is for fedavg"),
 ])
 def test_drift_fixes_are_refused_where_factors_are_not_averaged_in_one_frame(over, message):
