@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
+from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss
 
 from .adapters import AdapterSlots, RankedAdapters
 from .config import PrivacyConfig, TrainConfig
@@ -138,6 +138,25 @@ def _torch_seed(seed: int, client: int, step: int) -> int:
     return (seed * 1_000_003 + client * 7_919 + step) % (2**63)
 
 
+def local_optimizer(cfg: TrainConfig, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``params`` (every party's local optimizer: clients, split parts)."""
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
+    return cls(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def clip_and_step(cfg: TrainConfig, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+                  correction: AdapterState | None = None) -> None:
+    """One optimizer step from the gradients: clipped to ``train.max_grad_norm``, then SCAFFOLD's
+    ``correction`` (c - c_k) added."""
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+    if correction is not None:
+        for k, p in params.items():
+            p.grad.add_(correction[k])
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 class LocalTrainer:
     """Runs :class:`ClientTask` s on one resident model: the local loop of every algorithm.
 
@@ -155,10 +174,7 @@ class LocalTrainer:
         self._flops_by_shape: dict[tuple, float] = {}
 
     def _optimizer(self, task: ClientTask, params: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
-        if self.cfg.optimizer == "adamw":
-            opt = torch.optim.AdamW(list(params.values()), lr=task.lr, weight_decay=self.cfg.weight_decay)
-        else:
-            opt = torch.optim.SGD(list(params.values()), lr=task.lr, weight_decay=self.cfg.weight_decay)
+        opt = local_optimizer(self.cfg, list(params.values()), task.lr)
         if task.keep_optimizer and task.moments:
             load_moments(opt, list(params), task.moments)  # other shapes (the rank changed): fresh
         return opt
@@ -202,7 +218,7 @@ class LocalTrainer:
                 noise = sgd_noise_generator(self.seed, task.client_id, step) if self.dp else None
                 batch = to_device(self._batch(task, step), self.model)
                 loss = self._backward(batch, anchor, slots)
-                flops += self._flops_by_shape[(slots.adapter, *batch["input_ids"].shape)]
+                flops += self._flops_by_shape[self._shape(batch, slots)]
                 self._update(params, opt, anchor, noise, correction)
                 losses.append(loss)
         return self._result(task, slots.get(), losses, flops, opt, list(params))
@@ -221,11 +237,17 @@ class LocalTrainer:
             out.update(zip(g, results))
         return [out[i] for i in range(len(tasks))]
 
-    def count_flops(self, batch: dict[str, torch.Tensor], slots: AdapterSlots) -> float:
-        """FLOPs of one sequential step of ``batch`` on ``slots``'s adapter, counted once per shape
-        (FlopCounterMode slows the pass it watches; the count depends only on the shapes)."""
-        shape = (slots.adapter, *batch["input_ids"].shape)  # LoRA FLOPs depend on the rank
+    @staticmethod
+    def _shape(batch, slots: AdapterSlots) -> tuple:
+        return (slots.adapter, *batch["input_ids"].shape)  # LoRA FLOPs depend on the rank
+
+    def count_flops(self, batch: dict[str, torch.Tensor], slots: AdapterSlots, rank: int | None = None) -> float:
+        """FLOPs of one sequential step of ``batch`` on ``slots``'s adapter (rank ``rank``), counted by
+        an extra pass once per shape (the count depends only on the shapes); the fused path's count."""
+        shape = self._shape(batch, slots)
         if shape not in self._flops_by_shape:
+            if self.adapters is not None:
+                self.adapters.activate(rank)  # the count runs the client's own adapter
             device = next(self.model.parameters()).device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                     FlopCounterMode(display=False) as counter:
@@ -237,7 +259,7 @@ class LocalTrainer:
 
     def _backward(self, batch, anchor, slots: AdapterSlots) -> float:
         """Forward and backward of one batch (FLOPs counted the first time a shape is seen); the loss."""
-        shape = (slots.adapter, *batch["input_ids"].shape)  # LoRA FLOPs depend on the rank
+        shape = self._shape(batch, slots)
         counter = FlopCounterMode(display=False) if shape not in self._flops_by_shape else None
         with counter or contextlib.nullcontext():
             loss = self._loss(batch, anchor, slots)
@@ -254,13 +276,7 @@ class LocalTrainer:
             prox = None if anchor is None or self.cfg.prox_mu <= 0 else {
                 k: self.cfg.prox_mu * (p.detach() - anchor[k]) for k, p in params.items()}
             private_gradient(params, self.dp.clip, self.dp.noise_multiplier, noise, prox)
-        if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), self.cfg.max_grad_norm)
-        if correction is not None:
-            for k, p in params.items():
-                p.grad.add_(correction[k])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        clip_and_step(self.cfg, params, opt, correction)
 
     def _loss(self, batch, anchor, slots: AdapterSlots) -> torch.Tensor:
         with autocast(self.cfg.precision, self.model):
@@ -301,9 +317,7 @@ def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResu
             on = [j for j, t in enumerate(tasks) if i < t.steps]
             batches = [to_device(trainer._batch(tasks[j], tasks[j].start_step + i), model) for j in on]
             for j, b in zip(on, batches):
-                if adapters is not None:
-                    adapters.activate(tasks[j].rank)  # the FLOP count runs the client's own adapter
-                flops[j] += trainer.count_flops(b, slots[j])
+                flops[j] += trainer.count_flops(b, slots[j], tasks[j].rank)
             widths = [b["input_ids"].shape[1] for b in batches]
             step = FusedStep([params[j] for j in on], widths, cfg.batch_size, common_width(model, widths),
                              [streams[j] for j in on], [scaling[j] for j in on], device)
@@ -313,7 +327,7 @@ def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResu
                 per = []
                 for n, (own, b, j) in enumerate(zip(logits.split(step.rows), batches, on)):  # each client's rows
                     own = own[:, : widths[n]] if own.ndim == 3 else own  # per token: its own width
-                    per.append(trainer.prox(client_loss(own, b["labels"]), params[j], anchors[j]))
+                    per.append(trainer.prox(task_loss(model.config, own, b["labels"]), params[j], anchors[j]))
             torch.stack(per).sum().backward()  # client j's factors reach only its own loss
             for n, j in enumerate(on):
                 streams[j] = step.streams[n]
@@ -323,14 +337,13 @@ def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResu
                             list(trained[j])) for j, t in enumerate(tasks)]
 
 
-def client_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One client's loss from its own rows, as the Hugging Face heads compute it: next-token cross
-    entropy over scored tokens (causal LM), MSE (one regression output), or cross entropy."""
+def task_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss a Hugging Face model with ``config`` computes from its head's logits (the same
+    functions): next-token cross entropy over scored tokens when labels are per token, else the
+    sequence-classification loss. Used per client by fused passes and by the split head."""
     if labels.ndim == 2:  # causal LM: b x L x V logits, b x L targets, -100 where not scored
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-    if logits.shape[-1] == 1:
-        return F.mse_loss(logits.squeeze(), labels.squeeze())
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+        return ForCausalLMLoss(logits, labels, vocab_size=config.vocab_size)
+    return ForSequenceClassificationLoss(labels, logits, config)
 
 
 @contextlib.contextmanager

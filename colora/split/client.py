@@ -30,7 +30,7 @@ from ..codecs import decode_tensor, encode_tensor, pack, unpack
 from ..config import Config, NonFiniteError
 from ..fused import rng_restore, rng_snapshot
 from ..messages import decode, encode, is_bundle, load_moments, moments_of, unbundle
-from ..train import Encoded, batch_indices, to_device
+from ..train import Encoded, batch_indices, clip_and_step, local_optimizer, to_device
 from .cut import ModelCut
 from .group import ClientGroup
 from .parts import CLIENT, PartMeter, part_keys, party_seed, rank_layers
@@ -78,9 +78,7 @@ class SplitClient:
         with torch.no_grad():
             for key, p in live.items():
                 p.copy_(groups["state/"][key])
-        params = list(live.values())
-        cls = torch.optim.AdamW if self.train_cfg.optimizer == "adamw" else torch.optim.SGD
-        opt = cls(params, lr=lr, weight_decay=self.train_cfg.weight_decay)
+        opt = local_optimizer(self.train_cfg, list(live.values()), lr)
         if groups.get("moments/"):
             load_moments(opt, list(live), groups["moments/"])
         idx = batch_indices(self.parts[k], self.train_cfg.batch_size, step, self.seed, k)
@@ -120,11 +118,7 @@ class SplitClient:
         if now.act.requires_grad:  # False only when no client parameter trains
             with self.meter.measure("client_backward", now.shape):
                 torch.autograd.backward(now.act, grad)
-        params = list(now.live.values())
-        if self.train_cfg.max_grad_norm is not None:  # each party clips its own gradient
-            torch.nn.utils.clip_grad_norm_(params, self.train_cfg.max_grad_norm)
-        now.opt.step()
-        now.opt.zero_grad(set_to_none=True)
+        clip_and_step(self.train_cfg, now.live, now.opt)  # each party clips its own gradient
         state = {k: p.detach().to("cpu", copy=True) for k, p in now.live.items()}
         moments = moments_of(now.opt, list(now.live))
         now.stack.close()

@@ -26,10 +26,10 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
-from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from ..config import ColoraError
+from ..train import task_loss
 
 # model_type -> family; the families differ in embeddings, mask kind, block call and head.
 SUPPORTED = {"bert": "bert", "roberta": "bert", "gpt2": "gpt2", "llama": "llama"}
@@ -223,9 +223,7 @@ class ModelCut:
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss Hugging Face's model computes from the head's logits."""
-        if self.causal_lm:
-            return ForCausalLMLoss(logits, labels, vocab_size=self.hf.config.vocab_size)
-        return ForSequenceClassificationLoss(labels, logits, self.hf.config)
+        return task_loss(self.hf.config, logits, labels)
 
     def server_forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Everything after the cut, loss included (the non-U-shaped server)."""

@@ -24,18 +24,13 @@ from ..codecs import decode_tensor, encode_tensor, pack, unpack
 from ..config import NonFiniteError
 from ..fused import FusedStep, common_width, concat_batches, fused_layers, fused_step, lora_scaling, pad_width, rng_snapshot
 from ..messages import bundle, decode, encode, load_moments, moments_of, unbundle
-from ..train import autocast, batch_indices, to_device
+from ..train import autocast, batch_indices, clip_and_step, local_optimizer, to_device
 from .cut import ModelCut
 from .parts import CLIENT, SERVER, PartMeter, party_seed, rank_layers
 
 
 def _leaves(state, keys: list[str], device) -> dict[str, torch.nn.Parameter]:
     return {k: torch.nn.Parameter(state[k].to(device, copy=True)) for k in keys}
-
-
-def _optimizer(train_cfg, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if train_cfg.optimizer == "adamw" else torch.optim.SGD
-    return cls(params, lr=lr, weight_decay=train_cfg.weight_decay)
 
 
 def _own(t: torch.Tensor, rows: int, widths: list[int]) -> list[torch.Tensor]:
@@ -47,13 +42,6 @@ def _losses(cut: ModelCut, logits: torch.Tensor, labels: list[torch.Tensor], row
     """Each client's loss from its own rows (and, per token, its own width)."""
     blocks = _own(logits, rows, widths) if logits.ndim == 3 else list(logits.split(rows))
     return [cut.loss(block, y) for block, y in zip(blocks, labels)]
-
-
-def _step(cfg_train, params: dict, opt: torch.optim.Optimizer) -> None:
-    if cfg_train.max_grad_norm is not None:  # each party clips its own gradient
-        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg_train.max_grad_norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 def _count(meter: PartMeter, pieces: list[tuple[str, Callable]], shape: tuple, device) -> None:
@@ -90,7 +78,7 @@ class ClientGroup:
             scalars, groups = decode(blob, "split_job")
             k, step, rank, lr = scalars["client_id"], scalars["step"], scalars["rank"], scalars["lr"]
             params = _leaves(groups["state/"], owner.keys, device)
-            opt = _optimizer(owner.train_cfg, list(params.values()), lr)
+            opt = local_optimizer(owner.train_cfg, list(params.values()), lr)
             if groups.get("moments/"):
                 load_moments(opt, list(params), groups["moments/"])
             idx = batch_indices(owner.parts[k], owner.train_cfg.batch_size, step, owner.seed, k)
@@ -164,7 +152,7 @@ class ClientGroup:
             torch.autograd.backward(self.act, grad.to(self.act.dtype))
         results = []
         for c in self.clients:
-            _step(owner.train_cfg, c.params, c.opt)
+            clip_and_step(owner.train_cfg, c.params, c.opt)
             state = {k: p.detach().to("cpu", copy=True) for k, p in c.params.items()}
             if (c.loss is not None and not math.isfinite(c.loss)) or any(not torch.isfinite(t).all() for t in state.values()):
                 raise NonFiniteError(f"client {c.client_id}'s split step produced NaN or inf", "train.lr")
@@ -197,7 +185,7 @@ class ServerGroup:
         for client_id, step, rank, state, opt_name in jobs:
             params = _leaves(state, owner.keys, self.device)
             stored = owner._optimizer(opt_name, lr)
-            opt = _optimizer(owner.train_cfg, list(params.values()), lr)
+            opt = local_optimizer(owner.train_cfg, list(params.values()), lr)
             opt.load_state_dict(stored.state_dict())
             self.jobs.append(_Job(client_id, step, rank, params, opt, stored))
         self.scaling = lora_scaling(owner.model, owner.adapter)
@@ -252,7 +240,7 @@ class ServerGroup:
     def _finish(self) -> bytes:
         owner = self.owner
         for job in self.jobs:
-            _step(owner.train_cfg, job.params, job.opt)
+            clip_and_step(owner.train_cfg, job.params, job.opt)
             job.stored.load_state_dict(job.opt.state_dict())  # the copy's moments, kept for its next step
             job.state = {k: p.detach().to("cpu", copy=True) for k, p in job.params.items()}
             if (job.loss is not None and not math.isfinite(job.loss)) or any(not torch.isfinite(t).all() for t in job.state.values()):

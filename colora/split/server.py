@@ -16,6 +16,7 @@ import torch
 from ..adapters import RankedAdapters
 from ..codecs import decode_tensor, encode_tensor, pack, unpack
 from ..config import ColoraError, Config, NonFiniteError
+from ..train import clip_and_step, local_optimizer
 from ..types import AdapterState
 from .cut import ModelCut
 from .parts import SERVER, PartMeter, part_keys, party_seed
@@ -75,11 +76,7 @@ class SplitServer:
 
     def _finish(self) -> bytes:
         job = self._job
-        params = list(self.live.values())
-        if self.train_cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.train_cfg.max_grad_norm)
-        job["opt"].step()
-        job["opt"].zero_grad(set_to_none=True)
+        clip_and_step(self.train_cfg, self.live, job["opt"])
         job["state"] = {k: p.detach().to("cpu", copy=True) for k, p in self.live.items()}
         if (job["loss"] is not None and not math.isfinite(job["loss"])) or any(
                 not torch.isfinite(t).all() for t in job["state"].values()):
@@ -95,8 +92,7 @@ class SplitServer:
     def _optimizer(self, name: str, lr: float) -> torch.optim.Optimizer:
         opt = self.optimizers.get(name)
         if opt is None:
-            cls = torch.optim.AdamW if self.train_cfg.optimizer == "adamw" else torch.optim.SGD
-            opt = self.optimizers[name] = cls(list(self.live.values()), lr=lr, weight_decay=self.train_cfg.weight_decay)
+            opt = self.optimizers[name] = local_optimizer(self.train_cfg, list(self.live.values()), lr)
             if name in self.pending_optimizer_states:
                 opt.load_state_dict(self.pending_optimizer_states.pop(name))
         for group in opt.param_groups:
