@@ -11,7 +11,7 @@ $(BIN)/colora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,demo,quant,ray,privacy]"
+	$(BIN)/python -m pip install -q -e ".[test,demo,quant,ray,privacy,deploy]"
 	touch $@
 
 setup: $(BIN)/colora

@@ -38,7 +38,75 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--target", metavar="METRIC=VALUE", help="e.g. eval/accuracy=0.8")
     cmp.add_argument("--jobs", type=int, default=1, metavar="N",
                      help="runs at once, each in its own process with cpu_count/N threads (default 1: one after another)")
+    _deploy_parser(sub)
     return p
+
+
+def _deploy_parser(sub) -> None:
+    dep = sub.add_parser("deploy", help="run on real machines: data owners over TLS on Flower's Deployment Runtime (docs/deploy.md)")
+    ds = dep.add_subparsers(dest="deploy_command", required=True)
+    keys = ds.add_parser("keys", help="make the CA, the server's TLS certificate and one key pair per data owner")
+    keys.add_argument("out", metavar="DIR")
+    keys.add_argument("--clients", type=int, required=True, metavar="N")
+    keys.add_argument("--host", action="append", default=[], metavar="HOST",
+                      help="a name or IP address the owners reach the server at (repeatable; default 127.0.0.1 and localhost)")
+    split = ds.add_parser("split-data", help="cut a config's data set into one folder per data owner (as colora run partitions it) "
+                                             "and one for the server's evaluation")
+    split.add_argument("config")
+    split.add_argument("out", metavar="DIR")
+    split.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    srv = ds.add_parser("server", help="serve a run: Flower SuperLink with TLS and owner authentication, then colora's rounds")
+    srv.add_argument("config", nargs="?")
+    srv.add_argument("--credentials", required=True, metavar="DIR", help="the folder of colora deploy keys (ca.crt, server.pem, server.key)")
+    srv.add_argument("--owner-keys", nargs="+", required=True, metavar="PUB", help="the registered owners' public keys (client_K.pub)")
+    srv.add_argument("--data", required=True, metavar="DIR", help="the server's evaluation data folder (colora deploy split-data's server/)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=9092)
+    srv.add_argument("--out", help="run directory (default runs/<config name>-<timestamp>)")
+    srv.add_argument("--resume", metavar="DIR", help="continue a deployed run from its last completed round")
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cli = ds.add_parser("client", help="join a deployed run as a data owner, with this machine's own data folder")
+    cli.add_argument("config")
+    cli.add_argument("--data", required=True, metavar="DIR", help="this owner's data folder (its rows only)")
+    cli.add_argument("--server", required=True, metavar="HOST:PORT")
+    cli.add_argument("--ca", required=True, metavar="CA.crt", help="the deployment's CA certificate")
+    cli.add_argument("--key", required=True, metavar="KEY", help="this owner's private key (client_K of colora deploy keys)")
+    cli.add_argument("--client", type=int, metavar="K", help="the client id (default: the one written in the data folder)")
+    cli.add_argument("--join-timeout", type=float, default=120.0, metavar="S",
+                     help="seconds to keep trying while the server refuses or does not answer (default 120)")
+    cli.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _deploy(args) -> int:
+    from .config import load_config
+
+    if args.deploy_command == "keys":
+        from .deploy.pki import make_credentials
+
+        if args.clients < 1:
+            raise ColoraError(f"--clients {args.clients}: needs at least 1")
+        make_credentials(Path(args.out), args.clients, args.host or ["127.0.0.1", "localhost"])
+        print(f"credentials: {args.out} (give each owner ca.crt and its own client_K; keep ca.key and server.key on the server)")
+        return 0
+    if args.deploy_command == "split-data":
+        from .deploy.partition import split_data
+
+        folders = split_data(load_config(args.config, args.overrides), Path(args.out))
+        print(f"data folders: {args.out}/server and {len(folders)} owners' {args.out}/client_K")
+        return 0
+    if args.deploy_command == "server":
+        from .deploy.launch import run_server
+
+        if bool(args.config) == bool(args.resume) or (args.resume and args.out):
+            raise ColoraError("colora deploy server takes a CONFIG (with --out) or --resume DIR, not both")
+        run_dir = run_server(args.config, args.overrides, args.out, Path(args.resume) if args.resume else None,
+                             Path(args.credentials), [Path(k) for k in args.owner_keys], args.host, args.port, Path(args.data))
+        print(f"run directory: {run_dir}")
+        return 0
+    from .deploy.owner import run_owner
+
+    cfg = load_config(args.config, [*args.overrides, f"data.path={Path(args.data).resolve()}"])
+    return run_owner(cfg, args.server, Path(args.ca), Path(args.key), args.client, args.join_timeout)
 
 
 def _run(args) -> int:
@@ -122,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     # peft calls a transformers API that transformers deprecates: noise for users, not actionable.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
-        return {"run": _run, "report": _report, "compare": _compare}[args.command](args)
+        return {"run": _run, "report": _report, "compare": _compare, "deploy": _deploy}[args.command](args)
     except ColoraError as exc:
         message = " ".join(str(exc).split())
         if len(message) > MAX_ERROR_CHARS:

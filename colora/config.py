@@ -299,6 +299,13 @@ class FederationConfig(_Strict):
     rank_partitioned: bool = False
     """``svd`` / ``hlora`` (raFLoRA): average each rank partition of the clients' updates over the clients
     that reach it, against "rank collapse" onto the smallest rank (colora/aggregation/rank_partition.py)."""
+    min_clients: int | None = Field(None, ge=1)
+    """Deployment (``colora deploy``) only: a round whose answers number fewer than this stops the run
+    (its last checkpoint kept for ``--resume``); null: at least one. Clients that do not answer within
+    ``round_timeout_s`` (killed, disconnected, too slow) are left out of that round and listed in
+    metrics.jsonl's ``dropouts``; the simulation never drops a client."""
+    round_timeout_s: float = Field(600.0, gt=0)
+    """Deployment only: seconds the server waits for a round's answers (and for data owners to join)."""
     lora_fair_lambda: float = Field(0.01, ge=0)
     """``aggregator: lora_fair``: ridge weight of the server's residual ΔB; large values give plain fedit."""
     robust: Literal["none", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip"] = "none"

@@ -49,13 +49,14 @@ def _log_line(row: dict, rounds: int) -> str:
 
 
 def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = None, stop_after: int | None = None,
-                   changed: dict | None = None) -> Path:
+                   changed: dict | None = None, remote=None) -> Path:
     """Run (or resume) one experiment; returns its run directory.
 
     The directory is locked for the whole run (one writer). ``changed``: the ``--set`` settings a
     resume changes (colora.rundir.RESUMABLE_KEYS), recorded in the run directory. ``stop_after``
     ends the process's work after that round, as an interruption would (the run directory then
-    resumes with ``colora run --resume``).
+    resumes with ``colora run --resume``). ``remote``: the data owners of a deployed run
+    (colora.deploy.remote.RemoteClients) run the clients' work instead of a local executor.
     """
     fresh = resume is None and not (out is not None and Path(out).exists())
     run_dir = resume if resume is not None else rundir.new_run_dir(cfg, out)
@@ -66,7 +67,7 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
                 rundir.pin_inputs(cfg)
             else:
                 rundir.check_pins(cfg, run_dir)
-            _run(cfg, run_dir, resume is not None, stop_after, changed or {})
+            _run(cfg, run_dir, resume is not None, stop_after, changed or {}, remote)
     except BaseException:
         if fresh and not (run_dir / "metrics.jsonl").exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # failed during setup: remove the folder this call made
@@ -74,9 +75,9 @@ def run_experiment(cfg: Config, out: str | None = None, resume: Path | None = No
     return run_dir
 
 
-def _run(cfg: Config, run_dir: Path, resume: bool, stop_after: int | None, changed: dict) -> None:
+def _run(cfg: Config, run_dir: Path, resume: bool, stop_after: int | None, changed: dict, remote=None) -> None:
     """Setup, the round loop, checkpoints and export (the caller holds the run directory's lock)."""
-    with Engine(cfg) as engine:
+    with Engine(cfg, remote) as engine:
         engine.start()
         _rounds(cfg, engine, run_dir, resume, stop_after, changed)
 
@@ -108,7 +109,7 @@ def _rounds(cfg: Config, engine: Engine, run_dir: Path, resume: bool, stop_after
             counters["sim_time_s"] += res.sim_time_s
             counters["wall_time_s"] = time.perf_counter() - began
             losses.append(res.train_loss)
-            row = {"round": rnd, **counters, "train_loss": float(np.mean(losses)), **res.extra}
+            row = {"round": rnd, **counters, "train_loss": float(np.mean(losses)), **res.extra, **engine.round_report()}
             if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
                 row.update(engine.evaluate(algo.global_state()))
                 rows.append(row)

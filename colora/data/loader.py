@@ -7,6 +7,7 @@ import math
 from colora.data.e2e import load_e2e
 from colora.data.errors import DataError
 from colora.data.glue import load_glue
+from colora.data.party import is_party_folder, load_party
 from colora.data.synthetic import load_synthetic
 from colora.data.tabular import load_tabular
 from colora.data.types import Task
@@ -45,6 +46,11 @@ def load_task(
     if task_kind not in TASK_KINDS:
         raise DataError(f"model.task={task_kind!r}: unknown task kind; known: {', '.join(TASK_KINDS)}")
     key = name.strip().lower()
+    if is_party_folder(path):  # a party's own rows in deployment (colora.data.party), already cut to size
+        task = load_party(path, name)
+        if task.kind != task_kind and key != "e2e":
+            raise DataError(f"data folder {path} holds a {task.kind} task but model.task={task_kind}")
+        return task  # labels checked against the task's classes by load_party; one split is empty by design
     if key.startswith("glue/"):
         if task_kind != "seq-cls":
             raise DataError(f"data.name={name}: GLUE tasks are seq-cls, but model.task={task_kind}")

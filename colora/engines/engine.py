@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from peft.tuners.lora import LoraLayer
@@ -32,6 +33,9 @@ from ..system import ModelShape, available_memory, client_profiles, fuse_report,
 from ..train import encode, evaluate
 from .executors import make_executor
 from .runtime import ClientRuntime, load_data
+
+if TYPE_CHECKING:
+    from ..deploy.remote import RemoteClients
 from .shared_base import SharedBase, frozen_tensors
 
 
@@ -40,19 +44,21 @@ class Engine:
 
     ``close()`` (or ``with``) stops the executor's processes."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, remote: "RemoteClients | None" = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.engine.device)  # before anything loads: a missing GPU is exit 2
         d = cfg.data
         tokenizer = self.tokenizer = load_tokenizer(cfg.model)
-        self.task, train = load_data(cfg, tokenizer)
+        # Deployed (``remote``): the server holds the evaluation split only; the data owners hold the rest.
+        self.task, train = load_data(cfg, tokenizer, encode_train=remote is None)
         if cfg.eval.generate and (self.task.kind != "causal-lm" or self.task.eval.text_b is None):
             raise ColoraError(f"eval.generate={cfg.eval.generate}: generation needs a data-to-text causal-lm task (data.name={d.name!r} is not)")
         base = load_base_model(cfg.model, self.task.num_labels, tokenizer, seed=cfg.seed)
         check_max_length(base.config, d.max_length)
         # workers and ray: the frozen base written once and mapped by every process (shared_base)
-        self.shared = SharedBase(base) if cfg.engine.kind == "workers" else None
-        self.base_tensors = frozen_tensors(base) if cfg.engine.kind == "ray" else None
+        self.shared = SharedBase(base) if cfg.engine.kind == "workers" and remote is None else None
+        self.base_tensors = frozen_tensors(base) if cfg.engine.kind == "ray" and remote is None else None
+        self.remote = remote
         try:
             self.model = attach_lora(base, cfg.model, seed=cfg.seed).to(self.device)
             self.adapters = RankedAdapters(self.model, cfg.seed)  # one peft adapter per LoRA rank in use
@@ -60,23 +66,31 @@ class Engine:
             self.eval_data = encode(self.task.eval, self.task, tokenizer, d.max_length)
             if d.max_eval is not None:
                 self.eval_data = self.eval_data.take(d.max_eval)
-            self.parts = self._partition(len(train))
             algo_cls = get_algorithm(cfg.algorithm)
-            self.holdout = holdout_slices(self.parts, cfg.eval.client_holdout, cfg.seed)  # eval.client_holdout
-            self.train_parts = [np.arange(len(train))] if algo_cls.pooled_data else [
-                np.setdiff1d(p, h, assume_unique=True) for p, h in zip(self.parts, self.holdout)]
+            if remote is None:
+                self.parts = self._partition(len(train))
+                self.holdout = holdout_slices(self.parts, cfg.eval.client_holdout, cfg.seed)  # eval.client_holdout
+                self.train_parts = [np.arange(len(train))] if algo_cls.pooled_data else [
+                    np.setdiff1d(p, h, assume_unique=True) for p, h in zip(self.parts, self.holdout)]
+                self.sizes = [len(p) for p in self.train_parts]
+            else:  # the owners' data sizes, as they reported them when joining
+                self.parts = self.holdout = self.train_parts = None
+                self.sizes = list(remote.sizes)
             self.devices = client_profiles(cfg)
             self.split = None  # the split runner, once the cut exists (below)
             self.ranks = [cfg.model.lora.r] if algo_cls.pooled_data else self._assign_ranks_early(algo_cls)
             check_ranks(self.model, max([cfg.model.lora.r, *self.ranks]))
             split = algo_cls.runner == "split"
-            self.runtime = ClientRuntime(cfg, self.model, self.adapters, train, self.train_parts, self.ranks, split)
-            self.executor = make_executor(cfg, self, split)
+            if remote is None:
+                self.runtime = ClientRuntime(cfg, self.model, self.adapters, train, self.train_parts, self.ranks, split)
+                self.executor = make_executor(cfg, self, split)
+            else:
+                self.runtime, self.executor = None, remote.executor
             self.split = SplitTrainer(self.model, self.adapters, cfg, self.executor) if split else None
             if split and not algo_cls.pooled_data:
                 self.ranks = self._assign_ranks()  # a split client's memory need is its part's
             self.memory = self._memory_check(algo_cls.pooled_data)
-            ctx = Context(cfg, self.executor.run_tasks, self.slots.get(), [len(p) for p in self.train_parts],
+            ctx = Context(cfg, self.executor.run_tasks, self.slots.get(), self.sizes,
                           self.slots.num_params(), self.evaluate, client_ranks=self.ranks,
                           initial_state_at=self.adapters.initial_state, split=self.split, devices=self.devices,
                           num_labels=self.task.num_labels if self.task.kind == "seq-cls" else None,
@@ -98,6 +112,10 @@ class Engine:
         return {"kind": e.kind, "workers": e.workers if e.kind != "inprocess" else 1, "device": str(self.device),
                 "worker_restarts": self.executor.restarts}
 
+    def round_report(self) -> dict:
+        """metrics.jsonl entries of the executor's own (deployed: dropouts and the transport's bytes)."""
+        return self.remote.round_report() if self.remote is not None else {}
+
     def close(self) -> None:
         """Stop the executor's worker processes or actors (nothing to do in-process)."""
         if getattr(self, "executor", None) is not None:
@@ -115,23 +133,17 @@ class Engine:
         # Split clients' ranks depend on their part's size, known once the cut exists (below); the
         # runtime only needs every rank in use attached, and a split client's ranks are <= model.lora.r.
         if algo_cls.runner == "split":
-            return [self.cfg.model.lora.r] * len(self.parts)
+            return [self.cfg.model.lora.r] * self.cfg.clients.num
         return self._assign_ranks()
 
     def _partition(self, n: int) -> list[np.ndarray]:
-        c = self.cfg.clients
-        labels = self.task.train.labels
-        if labels is None:
-            if c.partition != "iid":
-                raise ColoraError(f"clients.partition={c.partition} needs labels; {self.cfg.data.name} has none (use iid)")
-            labels = [0] * n
-        return partition(labels, c.num, c.partition, alpha=c.alpha, shards_per_client=c.shards_per_client,
-                         seed=self.cfg.seed, num_labels=self.task.num_labels or 1, proportions=c.proportions)
+        return partition_rows(self.cfg, self.task.train.labels, n, self.task.num_labels)
 
     def _assign_ranks(self) -> list[int]:
         cfg = self.cfg
         need_at = lambda r: training_memory(self._client_shape(r), cfg.train.batch_size, cfg.data.max_length)  # noqa: E731
-        return assign_ranks(cfg.federation, cfg.model.lora.r, [len(p) for p in self.parts], self.devices, need_at)
+        sizes = self.sizes if self.parts is None else [len(p) for p in self.parts]
+        return assign_ranks(cfg.federation, cfg.model.lora.r, sizes, self.devices, need_at)
 
     def _client_shape(self, rank: int) -> ModelShape:
         """What one client holds at LoRA rank ``rank``: the whole model, or a split client's part."""
@@ -195,15 +207,15 @@ class Engine:
     def partition_report(self) -> dict:
         """Per-client sizes and label histograms (saved as partition.json, printed at start)."""
         labels = self.task.train.labels
-        info = {"scheme": self.cfg.clients.partition, "sizes": [len(p) for p in self.parts]}
+        info = {"scheme": self.cfg.clients.partition, "sizes": self.sizes if self.parts is None else [len(p) for p in self.parts]}
         if self.cfg.eval.client_holdout > 0:
             info["held_out"] = [len(h) for h in self.holdout]
-        if len(self.ranks) == len(self.parts):
+        if len(self.ranks) == len(info["sizes"]):
             info["ranks"], info["rank_rule"] = self.ranks, rank_rule_name(self.cfg.federation)
         if self.algorithm.attackers:
             byz = self.cfg.clients.byzantine
             info["byzantine"] = {"attack": byz.attack, "clients": sorted(self.algorithm.attackers)}
-        if labels is not None:
+        if labels is not None and self.parts is not None:  # deployed: the owners' label counts stay with them
             info["label_names"] = self.task.label_names
             info["histogram"] = label_histogram(labels, self.parts, self.task.num_labels).tolist()
         return info
@@ -242,6 +254,17 @@ class Engine:
             self.algorithm.adopt_legacy_optimizers(state["optimizers"])
         if self.split is not None:
             self.split.load_state_dict(state["split"])
+
+
+def partition_rows(cfg: Config, labels, n: int, num_labels: int) -> list[np.ndarray]:
+    """Each client's row indices into the ``n`` training rows (clients.partition, seeded by cfg.seed)."""
+    c = cfg.clients
+    if labels is None:
+        if c.partition != "iid":
+            raise ColoraError(f"clients.partition={c.partition} needs labels; {cfg.data.name} has none (use iid)")
+        labels = [0] * n
+    return partition(labels, c.num, c.partition, alpha=c.alpha, shards_per_client=c.shards_per_client,
+                     seed=cfg.seed, num_labels=num_labels or 1, proportions=c.proportions)
 
 
 def holdout_slices(parts: list[np.ndarray], share: float, seed: int) -> list[np.ndarray]:

@@ -25,15 +25,16 @@ from ..train import Encoded, LocalTrainer, encode
 from . import shared_base
 
 
-def load_data(cfg: Config, tokenizer) -> tuple[Task, Encoded]:
-    """The task and its tokenized training split (every party tokenizes the same way)."""
+def load_data(cfg: Config, tokenizer, encode_train: bool = True) -> tuple[Task, Encoded | None]:
+    """The task and its tokenized training split (every party tokenizes the same way); None for
+    the split when ``encode_train`` is False (a deployed server holds no training rows)."""
     d = cfg.data
     task = load_task(d.name, d.path, task_kind=cfg.model.task, seed=cfg.seed, text_column=d.text_column,
                      text_pair_column=d.text_pair_column, label_column=d.label_column,
                      synthetic_train=d.synthetic_train, synthetic_eval=d.synthetic_eval, max_train=d.max_train)
     if task.kind != cfg.model.task:
         raise ColoraError(f"data.name={d.name!r} is a {task.kind} task but model.task={cfg.model.task!r}")
-    return task, encode(task.train, task, tokenizer, d.max_length)
+    return task, encode(task.train, task, tokenizer, d.max_length) if encode_train else None
 
 
 class ClientRuntime:

@@ -1,0 +1,196 @@
+"""A data owner's colora process (``colora deploy client``): its own data folder, the model, and a
+Flower SuperNode that connects it to the server over TLS with its registered key.
+
+The process holds the frozen base and the LoRA adapters once and answers the server's messages
+(colora.messages: join, task, bye) that the SuperNode's per-message ClientApp forwards over a local
+Unix socket (colora.deploy.wire; the socket's folder is readable by this user only). It reads
+nothing but its own folder; what it sends is what a simulated client sends: the trained adapter,
+its loss, its FLOPs and its row count.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..adapters import RankedAdapters, attach_lora
+from ..config import ColoraError, Config
+from ..data.party import party_info
+from ..engines.engine import check_max_length
+from ..engines.runtime import ClientRuntime, load_data
+from ..messages import MessageError, decode, header
+from ..models import load_base_model, load_tokenizer, resolve_device
+from .pki import check_client_credentials
+from .remote import config_fingerprint, joined_message, refusal
+from .wire import recv_frame, send_frame
+
+# Flower's SuperNode exits with this code when the SuperLink refuses or cannot be reached.
+FLOWER_CONNECT_FAILED = 305
+GOODBYE_S = 3.0
+# A node the SuperLink still counts online (an owner restarted within Flower's heartbeat patience, 2 x 30 s)
+# is refused until it lapses: the owner retries every RETRY_S for up to its join timeout.
+RETRY_S = 10.0
+JOIN_TIMEOUT_S = 120.0
+
+
+class Owner:
+    """Answers the server's messages for one client from the data in ``cfg.data.path``."""
+
+    def __init__(self, cfg: Config, client: int | None = None):
+        info = party_info(cfg.data.path)
+        if info.get("role") != "owner":
+            raise ColoraError(f"--data {cfg.data.path}: a {info.get('role')} folder, not a data owner's (colora deploy split-data writes client_K folders)")
+        self.client = int(info["client"] if client is None else client)
+        if not 0 <= self.client < cfg.clients.num:
+            raise ColoraError(f"client {self.client} is not one of the config's clients.num={cfg.clients.num}")
+        self.cfg, self.fingerprint, self.finished, self.stop_reason = cfg, config_fingerprint(cfg), threading.Event(), None
+        tokenizer = load_tokenizer(cfg.model)
+        task, data = load_data(cfg, tokenizer)
+        base = load_base_model(cfg.model, task.num_labels, tokenizer, seed=cfg.seed)
+        check_max_length(base.config, cfg.data.max_length)
+        model = attach_lora(base, cfg.model, seed=cfg.seed).to(resolve_device(cfg.engine.device))
+        # The trainer indexes rows by client id: this owner's rows are all of its data, in the order the
+        # simulation's partition lists them (colora deploy split-data), so its batches are the simulation's.
+        parts = [np.arange(0)] * cfg.clients.num
+        parts[self.client] = np.arange(len(task.train))
+        self.samples = len(task.train)
+        self.runtime = ClientRuntime(cfg, model, RankedAdapters(model, cfg.seed), data, parts, [cfg.model.lora.r])
+        self.lock = threading.Lock()
+
+    def handle(self, blob: bytes) -> bytes:
+        """One message from the server in, the answer out (a refusal for anything unexpected)."""
+        try:
+            kind = header(blob).get("kind")
+        except MessageError as exc:
+            return refusal(str(exc))
+        with self.lock:
+            if kind == "join":
+                scalars, _ = decode(blob, "join")
+                if scalars.get("fingerprint") != self.fingerprint:
+                    self.stop(f"the server runs another config (fingerprint {scalars.get('fingerprint')}, this owner's is "
+                              f"{self.fingerprint}); start the owner with the server's config file")
+                    return refusal(f"client {self.client}'s owner runs another config (fingerprint {self.fingerprint})")
+                return joined_message(self.client, self.samples, self.fingerprint)
+            if kind == "task":
+                task = header(blob)
+                if task.get("client_id") != self.client:
+                    return refusal(f"this owner holds client {self.client}'s data, not client {task.get('client_id')}'s")
+                self.runtime.adapters.ensure(task.get("rank") or self.cfg.model.lora.r)
+                return self.runtime.run_task(blob)
+            if kind == "bye":
+                self.stop(None)
+                return joined_message(self.client, self.samples, self.fingerprint)
+            return refusal(f"a {kind!r} message is not one a data owner answers")
+
+    def stop(self, reason: str | None) -> None:
+        self.stop_reason = reason
+        self.finished.set()
+
+
+def serve(owner: Owner, path: str) -> socket.socket:
+    """Answer framed messages on the Unix socket ``path`` in a background thread."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(8)
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            try:
+                send_frame(conn, owner.handle(recv_frame(conn)))
+            except (ConnectionError, OSError):
+                pass  # the ClientApp went away (its SuperNode stopped): nothing to answer
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_command(name: str) -> str:
+    """Flower's console script ``name`` beside this Python (the ``deploy`` extra installs it)."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if found is None:
+        raise ColoraError(f"{name} not found: install the deploy extra (pip install 'colora[deploy]')")
+    return found
+
+
+def _start_node(command: list[str], env: dict, connected: threading.Event) -> tuple[subprocess.Popen, list[str]]:
+    """Start a Flower SuperNode; its output lines collect in the returned list, ``connected`` set
+    once the SuperLink has accepted it."""
+    node = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in node.stdout:
+            lines.append(line)
+            if "SuperNode ID" in line:
+                connected.set()
+                print(f"colora: connected ({line.strip().split()[-1]})", flush=True)
+    threading.Thread(target=read, daemon=True).start()
+    return node, lines
+
+
+def run_owner(cfg: Config, server: str, ca: Path, key: Path, client: int | None = None, join_timeout: float = JOIN_TIMEOUT_S,
+              log=print) -> int:
+    """Join the federation at ``server`` (host:port) as a data owner and answer until the run ends.
+
+    Returns 0 when the server ends the run; raises ColoraError (exit 2) on bad credentials, a server
+    that refuses or does not answer for ``join_timeout`` seconds, or another config."""
+    check_client_credentials(ca, key)
+    owner = Owner(cfg, client)
+    folder = tempfile.mkdtemp(prefix="colora-owner-")  # 0700: only this user reaches the socket
+    path = os.path.join(folder, "socket")
+    listener = serve(owner, path)
+    env = {**os.environ, "FLWR_HOME": os.path.join(folder, "flower"),  # the run's Flower app lands here, not in ~/.flwr
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [flower_command("flower-supernode"), "--root-certificates", str(ca), "--superlink", server,
+               "--auth-supernode-private-key", str(key), "--node-config", f'colora-socket="{path}"', "--max-retries", "20"]
+    log(f"colora: data owner of client {owner.client} ({owner.samples} rows) joining {server}")
+    node, lines, connected, began = None, [], threading.Event(), time.monotonic()
+    try:
+        while not owner.finished.wait(0.5):
+            if node is None or node.poll() is not None:
+                if node is not None and (connected.is_set() or time.monotonic() - began > join_timeout):
+                    tail = " ".join(" ".join(lines[-6:]).split())[-400:]
+                    raise ColoraError(f"the Flower SuperNode stopped (exit code {node.returncode}): the server at {server} refused "
+                                      f"this node or did not answer; check the address, that the server runs, and that this "
+                                      f"owner's public key is registered with it ({tail})")
+                if node is not None:  # refused: not registered, or still online from before (a restart, or a retry
+                    time.sleep(RETRY_S)  # of a slow activation): the server frees a node once its heartbeat lapses
+                node, lines = _start_node(command + ["--port", str(free_port())], env, connected)
+    finally:
+        if node is not None:
+            time.sleep(GOODBYE_S if node.poll() is None else 0)  # the SuperNode delivers the answer to the last message
+            node.terminate()
+            try:
+                node.wait(10)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        listener.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    if owner.stop_reason is not None:
+        raise ColoraError(owner.stop_reason)
+    log(f"colora: the server ended the run; client {owner.client}'s owner stops")
+    return 0

@@ -1,0 +1,194 @@
+"""The server's side of a deployed run: the data owners as an executor of client tasks.
+
+The experiment runs unchanged on a deployed server: its engine gets :class:`RemoteClients` instead
+of a local executor, and every client task goes to the data owner that holds that client's data, as
+the same bytes the simulation moves (colora.messages). A client that does not answer within
+``federation.round_timeout_s`` (killed, disconnected, too slow) or answers with something that is
+not a result for its task is a dropout: it sends no update that round (a failed
+:class:`~colora.types.ClientResult`, which validation drops and counts), and the round goes on with
+the others unless fewer than ``federation.min_clients`` answered.
+
+The transport is anything with ``exchange(list of (client, bytes), timeout) -> {client: bytes}``
+(colora.deploy.flower_app's Flower grid in deployment); nothing here imports model code or Flower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from tqdm import tqdm
+
+from ..config import ColoraError, Config
+from ..messages import MessageError, decode, decode_result, encode, encode_task
+from ..types import ClientResult, ClientTask
+
+# Settings each party may set for itself: where its data lies, how its own machine computes and
+# logs. Everything else must be equal on the server and every owner (config_fingerprint).
+LOCAL_KEYS = {"data": ("path",), "engine": None, "log": None}
+
+
+class Transport(Protocol):
+    def broadcast(self, nodes: list[int], blob: bytes, timeout: float) -> dict[int, bytes]:
+        """``blob`` to every node (before client ids are known); the answers by node."""
+
+    def bind(self, client: int, node: int) -> None:
+        """Client ``client``'s owner is ``node`` (from its answer to the join)."""
+
+    def exchange(self, messages: list[tuple[int, bytes]], timeout: float) -> dict[int, bytes]:
+        """Send each (client, bytes) to that client's owner; the replies that arrived within
+        ``timeout`` seconds, by client (a client missing from the answer did not reply)."""
+
+    def wire_bytes(self) -> tuple[int, int]:
+        """Bytes the transport carried so far, (up, down), counted from its serialized messages."""
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """A hash of every setting that must be equal on all parties (not ``data.path``, ``engine``, ``log``)."""
+    dump = cfg.model_dump(mode="json")
+    for section, keys in LOCAL_KEYS.items():
+        if keys is None:
+            dump.pop(section, None)
+        else:
+            for k in keys:
+                dump.get(section, {}).pop(k, None)
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def join_message(cfg: Config) -> bytes:
+    """What the server sends every data owner first: the config's fingerprint."""
+    return encode("join", {"fingerprint": config_fingerprint(cfg)}, {})
+
+
+def joined_message(client: int, samples: int, fingerprint: str) -> bytes:
+    """An owner's answer to :func:`join_message`: its client id, training rows and config fingerprint."""
+    return encode("joined", {"client": client, "samples": samples, "fingerprint": fingerprint}, {})
+
+
+def refusal(reason: str) -> bytes:
+    """An owner's answer when it cannot do what a message asks (the server logs ``reason``)."""
+    return encode("refused", {"reason": reason}, {})
+
+
+def refusal_reason(blob: bytes) -> str | None:
+    """The reason of a :func:`refusal`, or None when ``blob`` is some other message."""
+    try:
+        scalars, _ = decode(blob, "refused")
+    except MessageError:
+        return None
+    return str(scalars.get("reason"))
+
+
+class RemoteClients:
+    """The data owners of a deployed run, reached through ``transport``; see the module docstring.
+
+    ``join()`` asks every owner for its client id's data size (and checks its config) before the
+    engine builds the algorithm; :attr:`executor` then runs each round's tasks remotely."""
+
+    restarts = 0  # nothing restarts here: an owner that leaves is a dropout
+
+    def __init__(self, cfg: Config, transport: Transport, log: Callable[[str], None] = tqdm.write):
+        self.cfg, self.transport, self.log = cfg, transport, log
+        self.sizes: list[int] = []
+        self.dropouts: list[int] = []  # clients that did not answer in the current round
+        self._since, self._round_began = (0, 0), time.perf_counter()
+
+    @property
+    def executor(self) -> "RemoteClients":
+        return self
+
+    def join_nodes(self, nodes: list[int]) -> list[int]:
+        """Ask every connected owner which client's data it holds (and check its config); binds
+        client ids to ``nodes`` and returns the training rows by client id. An owner that is
+        missing, refuses or runs another config stops the deployment before training (exit 2)."""
+        cfg = self.cfg
+        n = cfg.clients.num
+        answers = self.transport.broadcast(nodes, join_message(cfg), cfg.federation.round_timeout_s)
+        sizes: dict[int, int] = {}
+        for node in nodes:
+            if node not in answers:
+                continue
+            reason = refusal_reason(answers[node])
+            if reason is not None:
+                raise ColoraError(f"a data owner refused to join: {reason}")
+            try:
+                scalars, _ = decode(answers[node], "joined")
+            except MessageError as exc:
+                raise ColoraError(f"a data owner answered the join with something else: {exc}") from None
+            k = int(scalars["client"])
+            if not 0 <= k < n or k in sizes:
+                raise ColoraError(f"a data owner claims client {k}: clients.num={n} and each client id belongs to one owner; "
+                                  "give each owner its own data folder")
+            sizes[k] = int(scalars["samples"])
+            self.transport.bind(k, node)
+        missing = sorted(set(range(n)) - set(sizes))
+        if missing:
+            raise ColoraError(f"no data owner answered for clients {missing} within federation.round_timeout_s="
+                              f"{cfg.federation.round_timeout_s:g} s; start them (colora deploy client) or raise the timeout")
+        self.sizes = [sizes[k] for k in range(n)]
+        self._since, self._round_began = self.transport.wire_bytes(), time.perf_counter()
+        return self.sizes
+
+    def bye(self) -> None:
+        """Tell every bound owner the run is over (best effort: an owner gone already is fine)."""
+        try:
+            self.transport.exchange([(k, encode("bye", {}, {})) for k in range(len(self.sizes))], 30.0)
+        except Exception as exc:  # noqa: BLE001 - the run's outcome is decided; a failed goodbye changes nothing
+            self.log(f"colora: could not tell every data owner the run is over ({exc})")
+
+    def run_tasks(self, tasks: list[ClientTask]) -> list[ClientResult]:
+        """Each task on its owner; a client that does not answer in time gets a failed result."""
+        cfg = self.cfg
+        began = time.perf_counter()
+        answers = self.transport.exchange([(t.client_id, encode_task(t)) for t in tasks], cfg.federation.round_timeout_s)
+        out, self.dropouts = [], []
+        for t in tasks:
+            result, why = self._result(t, answers.get(t.client_id))
+            if why is not None:
+                self.dropouts.append(t.client_id)
+                self.log(f"colora: client {t.client_id} dropped out of this round: {why}")
+                result = ClientResult(t.client_id, {}, self.sizes[t.client_id], float("nan"), 0.0, 0, failed=f"dropped out: {why}")
+            out.append(result)
+        answered = len(tasks) - len(self.dropouts)
+        need = cfg.federation.min_clients or 1
+        if answered < need:
+            raise ColoraError(f"only {answered} of {len(tasks)} clients answered within federation.round_timeout_s="
+                              f"{cfg.federation.round_timeout_s:g} s (federation.min_clients={need}, {time.perf_counter() - began:.0f} s); "
+                              "the last completed round is checkpointed: restart the owners and resume with colora deploy server --resume")
+        return out
+
+    def _result(self, task: ClientTask, blob: bytes | None) -> tuple[ClientResult | None, str | None]:
+        if blob is None:
+            return None, f"no answer within federation.round_timeout_s={self.cfg.federation.round_timeout_s:g} s"
+        reason = refusal_reason(blob)
+        if reason is not None:
+            return None, f"its owner refused the task: {reason}"
+        try:
+            result = decode_result(blob)
+        except (MessageError, TypeError) as exc:
+            return None, f"its answer is not a result ({exc})"
+        if result.client_id != task.client_id:
+            return None, f"its answer is client {result.client_id}'s result"
+        return result, None
+
+    def round_report(self) -> dict:
+        """metrics.jsonl entries of the round just run: dropouts, the bytes the transport carried
+        (Flower's serialized messages, beside ``bytes_up``/``bytes_down``: the payloads) and its wall time."""
+        up, down = self.transport.wire_bytes()
+        now = time.perf_counter()
+        report = {"dropouts": list(self.dropouts), "wire_bytes_up": up - self._since[0], "wire_bytes_down": down - self._since[1],
+                  "round_wall_s": now - self._round_began}
+        self._since, self._round_began = (up, down), now
+        return report
+
+    def converse(self, jobs, serve):
+        raise ColoraError("split learning does not deploy yet (algorithm splitlora / sl); use fedavg")
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
