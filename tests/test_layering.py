@@ -15,7 +15,7 @@ MODEL_CODE = ("transformers", "peft", "datasets", "colora.adapters", "colora.mod
 
 
 @pytest.mark.parametrize("module", ["colora.aggregation", "colora.algorithms", "colora.codecs", "colora.states",
-                                    "colora.messages", "colora.algorithms.server"])
+                                    "colora.messages", "colora.algorithms.server", "colora.deploy.remote"])
 def test_importing_leaves_model_code_unloaded(module):
     code = f"import sys, {module}; print(','.join(m for m in {MODEL_CODE!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -40,3 +40,10 @@ def test_data_metrics_do_not_import_the_containers():
     # for DataError, which forced a function-level import in types.py).
     assert "colora.data.types" not in _imports("colora.data.metrics")
     assert "colora.data.metrics" in _imports("colora.data.types")
+
+
+def test_the_per_message_client_app_imports_no_torch():
+    # Flower starts a ClientApp process for every message: it must stay a light forwarder.
+    code = "import sys, colora.deploy.flower_app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

@@ -26,9 +26,11 @@ from ..config import ColoraError, Config
 from ..messages import MessageError, decode, decode_result, encode, encode_task
 from ..types import ClientResult, ClientTask
 
-# Settings each party may set for itself: where its data lies, how its own machine computes and
-# logs. Everything else must be equal on the server and every owner (config_fingerprint).
-LOCAL_KEYS = {"data": ("path",), "engine": None, "log": None}
+# Settings that may differ between parties: where each party's data lies, how its own machine
+# computes and logs, and what only the server uses (how long it runs and waits, what it evaluates).
+# Everything else must be equal on the server and every owner (config_fingerprint).
+LOCAL_KEYS = {"data": ("path",), "engine": None, "log": None, "eval": None, "rounds": None, "pinned_inputs": None,
+              "federation": ("min_clients", "round_timeout_s")}
 
 
 class Transport(Protocol):
@@ -47,7 +49,7 @@ class Transport(Protocol):
 
 
 def config_fingerprint(cfg: Config) -> str:
-    """A hash of every setting that must be equal on all parties (not ``data.path``, ``engine``, ``log``)."""
+    """A hash of every setting that must be equal on all parties (all but :data:`LOCAL_KEYS`)."""
     dump = cfg.model_dump(mode="json")
     for section, keys in LOCAL_KEYS.items():
         if keys is None:

@@ -1,0 +1,164 @@
+"""Deployment's own logic without the network: data owners' folders, the owners' answers, the
+server's join and its dropouts. The transport here hands bytes straight to each owner's ``handle``
+(the same bytes Flower carries in tests/test_deploy.py); what it leaves out is the network."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from colora.cli import main
+from colora.config import ColoraError
+from colora.data import load_task
+from colora.data.party import load_party
+from colora.deploy.owner import Owner
+from colora.deploy.partition import split_data
+from colora.deploy.remote import RemoteClients, config_fingerprint, join_message, refusal_reason
+from colora.engines import Engine
+from colora.experiment import run_experiment
+from colora.messages import decode, encode
+
+from .conftest import read_rows, tiny_config
+
+
+class DirectTransport:
+    """Bytes to the owners' ``handle`` in this process; ``drop``: {round: clients that do not answer}."""
+
+    def __init__(self, owners: list[Owner], drop: dict[int, set[int]] | None = None):
+        self.owners, self.drop, self.node_of, self.calls = owners, drop or {}, {}, 0
+
+    def broadcast(self, nodes, blob, timeout):
+        return {n: self.owners[n].handle(blob) for n in nodes}
+
+    def bind(self, client, node):
+        self.node_of[client] = node
+
+    def exchange(self, messages, timeout):
+        self.calls += 1
+        gone = self.drop.get(self.calls, set())
+        return {c: self.owners[self.node_of[c]].handle(b) for c, b in messages if c not in gone}
+
+    def wire_bytes(self):
+        return 0, 0
+
+
+def _owners(cfg, folders, order=None):
+    order = order or list(range(len(folders)))
+    return [Owner(cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(folders[k])})})) for k in order]
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    cfg = tiny_config(rounds=2, clients__partition="dirichlet", clients__alpha=0.5)
+    split_data(cfg, tmp_path / "data")
+    return cfg, tmp_path / "data"
+
+
+def test_owner_folders_hold_the_simulations_partition(deployment):
+    cfg, data = deployment
+    with Engine(cfg) as sim:
+        task = load_task("synthetic", None, seed=cfg.seed, synthetic_train=cfg.data.synthetic_train, synthetic_eval=cfg.data.synthetic_eval)
+        for k, part in enumerate(sim.train_parts):
+            own = load_party(data / f"client_{k}", "synthetic")
+            assert own.train.text_a == [task.train.text_a[i] for i in part]  # same rows, same order
+            assert own.train.labels == [task.train.labels[i] for i in part] and len(own.eval) == 0
+        server = load_party(data / "server", "synthetic")
+        assert len(server.train) == 0 and server.eval.text_a == task.eval.text_a
+
+
+def test_deployed_rounds_equal_the_simulation_exactly(deployment, tmp_path):
+    cfg, data = deployment
+    sim = run_experiment(cfg, out=str(tmp_path / "sim"))
+    server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
+    # owners join in another order than their client ids: the join binds each id to its owner
+    remote = RemoteClients(server_cfg, DirectTransport(_owners(cfg, [data / f"client_{k}" for k in range(3)], [2, 0, 1])))
+    remote.join_nodes([0, 1, 2])
+    dep = run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote)
+    for a, b in zip(read_rows(sim), read_rows(dep), strict=True):
+        if a["round"] > 0:
+            assert b["dropouts"] == [] and {"wire_bytes_up", "wire_bytes_down", "round_wall_s"} <= set(b)
+        for key in ("eval/loss", "eval/accuracy", "train_loss", "bytes_up", "bytes_down", "sim_time_s"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6) if a[key] is not None else b[key] is None, key
+    assert json.loads((dep / "partition.json").read_text())["sizes"] == remote.sizes
+    assert "histogram" not in json.loads((dep / "partition.json").read_text())  # the owners' label counts stay with them
+
+
+def test_a_client_that_does_not_answer_is_a_dropout_and_too_few_answers_stop_the_run(deployment, tmp_path):
+    cfg, data = deployment
+    folders = [data / f"client_{k}" for k in range(3)]
+    server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
+    remote = RemoteClients(server_cfg, DirectTransport(_owners(cfg, folders), drop={2: {1}}))  # round 2: client 1 silent
+    remote.join_nodes([0, 1, 2])
+    rows = read_rows(run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote))
+    assert rows[1]["dropouts"] == [] and rows[1]["clients"] == 3
+    assert rows[2]["dropouts"] == [1] and rows[2]["clients"] == 2 and rows[2]["rejected_updates"] == 1
+    strict = server_cfg.model_copy(update={"federation": server_cfg.federation.model_copy(update={"min_clients": 3})})
+    remote = RemoteClients(strict, DirectTransport(_owners(cfg, folders), drop={2: {1}}))
+    remote.join_nodes([0, 1, 2])
+    with pytest.raises(ColoraError, match="only 2 of 3 clients answered"):
+        run_experiment(strict, out=str(tmp_path / "strict"), remote=remote)
+    assert [r["round"] for r in read_rows(tmp_path / "strict")] == [0, 1]  # round 1 kept for --resume
+
+
+def test_owners_refuse_what_is_not_theirs(deployment):
+    cfg, data = deployment
+    owner = _owners(cfg, [data / "client_1"])[0]
+    other = tiny_config(rounds=2, clients__partition="dirichlet", clients__alpha=0.5, train__lr=1e-3)
+    assert config_fingerprint(other) != owner.fingerprint
+    assert "another config" in refusal_reason(owner.handle(join_message(other)))
+    assert owner.finished.is_set() and "another config" in owner.stop_reason  # the owner stops: exit 2
+    assert "not a colora message" in refusal_reason(_owners(cfg, [data / "client_1"])[0].handle(b"\x00" * 20))
+    fresh = _owners(cfg, [data / "client_1"])[0]
+    scalars, _ = decode(fresh.handle(join_message(cfg)), "joined")
+    assert scalars == {"client": 1, "samples": fresh.samples, "fingerprint": config_fingerprint(cfg)}
+    assert "not one a data owner answers" in refusal_reason(fresh.handle(encode("result", {}, {})))
+
+
+def test_the_join_refuses_duplicate_or_missing_owners(deployment):
+    cfg, data = deployment
+    twice = _owners(cfg, [data / "client_0", data / "client_0", data / "client_1"])
+    with pytest.raises(ColoraError, match="claims client 0"):
+        RemoteClients(cfg, DirectTransport(twice)).join_nodes([0, 1, 2])
+    two = _owners(cfg, [data / "client_0", data / "client_1"])
+    with pytest.raises(ColoraError, match=r"clients \[2\]"):
+        RemoteClients(cfg, DirectTransport(two)).join_nodes([0, 1])
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("colora: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_deployment_input_is_one_line_and_exit_2(deployment, tmp_path, capsys):
+    cfg, data = deployment
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
+    assert main(["deploy", "keys", str(tmp_path / "pki"), "--clients", "3"]) == 0
+    pki = tmp_path / "pki"
+    owner = ["deploy", "client", str(path), "--data", str(data / "client_0"), "--server", "127.0.0.1:9", "--key", str(pki / "client_0")]
+    assert main([*owner, "--ca", str(tmp_path / "missing.crt")]) == 2
+    err = _one_error_line(capsys)
+    assert "CA certificate" in err and "no such file" in err
+    (tmp_path / "bad.crt").write_text("not a certificate")
+    assert main([*owner, "--ca", str(tmp_path / "bad.crt")]) == 2
+    assert "not a PEM certificate" in _one_error_line(capsys)
+    assert main(["deploy", "client", str(path), "--data", str(data / "server"), "--server", "127.0.0.1:9",
+                 "--ca", str(pki / "ca.crt"), "--key", str(pki / "client_0")]) == 2
+    assert "not a data owner's" in _one_error_line(capsys)
+    assert main([*owner, "--ca", str(pki / "ca.crt"), "--set", "data.name=glue/mrpc", "--set", "model.task=seq-cls"]) == 2
+    assert "data.name" in _one_error_line(capsys)
+    other = tmp_path / "other"
+    assert main(["deploy", "keys", str(other), "--clients", "1"]) == 0
+    server = ["deploy", "server", str(path), "--owner-keys", str(pki / "client_0.pub"), "--data", str(data / "server")]
+    (tmp_path / "mixed").mkdir()
+    for name, source in (("ca.crt", other), ("server.pem", pki), ("server.key", pki)):
+        (tmp_path / "mixed" / name).write_bytes((source / name).read_bytes())
+    assert main([*server, "--credentials", str(tmp_path / "mixed")]) == 2
+    assert "not signed by CA" in _one_error_line(capsys)
+    assert main([*server, "--credentials", str(pki), "--set", "algorithm=splitlora"]) == 2
+    assert "does not deploy yet" in _one_error_line(capsys)
+    assert main(["deploy", "split-data", str(path), str(data)]) == 2
+    assert "not empty" in _one_error_line(capsys)
