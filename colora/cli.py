@@ -64,6 +64,7 @@ def _deploy_parser(sub) -> None:
     srv.add_argument("--port", type=int, default=9092)
     srv.add_argument("--out", help="run directory (default runs/<config name>-<timestamp>)")
     srv.add_argument("--resume", metavar="DIR", help="continue a deployed run from its last completed round")
+    srv.add_argument("--join-timeout", type=float, default=600.0, metavar="S", help="seconds to wait for every owner to join (default 600)")
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cli = ds.add_parser("client", help="join a deployed run as a data owner, with this machine's own data folder")
     cli.add_argument("config")
@@ -100,7 +101,8 @@ def _deploy(args) -> int:
         if bool(args.config) == bool(args.resume) or (args.resume and args.out):
             raise ColoraError("colora deploy server takes a CONFIG (with --out) or --resume DIR, not both")
         run_dir = run_server(args.config, args.overrides, args.out, Path(args.resume) if args.resume else None,
-                             Path(args.credentials), [Path(k) for k in args.owner_keys], args.host, args.port, Path(args.data))
+                             Path(args.credentials), [Path(k) for k in args.owner_keys], args.host, args.port, Path(args.data),
+                             args.join_timeout)
         print(f"run directory: {run_dir}")
         return 0
     from .deploy.owner import run_owner

@@ -52,8 +52,8 @@ class FlowerTransport:
         deadline = time.monotonic() + timeout
         while len(nodes := sorted(self.grid.get_node_ids())) < n:
             if time.monotonic() > deadline:
-                raise ColoraError(f"only {len(nodes)} of {n} data owners connected within federation.round_timeout_s={timeout:g} s; "
-                                  "start every owner (colora deploy client) or raise the timeout")
+                raise ColoraError(f"only {len(nodes)} of {n} data owners connected within {timeout:g} s; start every owner "
+                                  "(colora deploy client) or raise colora deploy server --join-timeout")
             time.sleep(0.5)
         return nodes
 
@@ -101,8 +101,8 @@ def _serve(grid: Grid, context: Context) -> None:
         cfg = load_config(str(rc["config"]), json.loads(str(rc["overrides"])))
         transport = FlowerTransport(grid)
         remote = RemoteClients(cfg, transport)
-        nodes = transport.wait_for_nodes(cfg.clients.num, cfg.federation.round_timeout_s)
-        remote.join_nodes(nodes)
+        nodes = transport.wait_for_nodes(cfg.clients.num, float(rc["join_timeout"]))
+        remote.join_nodes(nodes, float(rc["join_timeout"]))
         resume = str(rc["resume"])
         run_dir = run_experiment(cfg, out=str(rc["out"]) or None, resume=Path(resume) if resume else None, remote=remote)
         status.write_text(json.dumps({"ok": True, "run_dir": str(run_dir)}))

@@ -7,18 +7,16 @@ key is not registered (``--enable-supernode-auth``), and runs the ServerApp
 (colora.deploy.flower_app) in a process of its own; this module writes the Flower app folder
 (its ``pyproject.toml`` carries the run's settings), starts the SuperLink, registers the keys,
 submits the run with ``flwr run`` and reads the run's outcome. Every process it starts is stopped
-when it returns.
+when it returns. Flower's state and logs stay in ``RUN_DIR.server`` beside the run directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -84,7 +82,7 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, what: str) -> No
 
 
 def run_server(config: str | None, overrides: list[str], out: str | None, resume: Path | None, credentials: Path,
-               keys: list[Path], host: str, port: int, data: Path, log=print) -> Path:
+               keys: list[Path], host: str, port: int, data: Path, join_timeout: float = 600.0, log=print) -> Path:
     """Run ``config`` deployed: returns the run directory once the run finished (ColoraError, exit 2,
     when it could not: bad credentials, no owners, a refused config, too few answers)."""
     credentials = credentials.resolve()  # Flower's processes run in a folder of their own
@@ -98,6 +96,8 @@ def run_server(config: str | None, overrides: list[str], out: str | None, resume
     if resume is not None:
         config = str(resume / "config.yaml")
         out = None
+    elif not out:
+        raise ColoraError("colora deploy server needs --out RUN_DIR (its Flower state is kept beside it, in RUN_DIR.server)")
     overrides = [*overrides, f"data.path={Path(data).resolve()}"]
     cfg = load_config(config, overrides)  # a bad config answers before anything starts
     if cfg.algorithm not in ("fedavg",):
@@ -105,18 +105,24 @@ def run_server(config: str | None, overrides: list[str], out: str | None, resume
                           "optimizer, FedProx); splitlora, sl and declora run in simulation (colora run)")
     if cfg.eval.client_holdout > 0:
         raise ColoraError("eval.client_holdout needs each owner's held-out rows on the server: it does not deploy; set it to 0")
-    work = Path(tempfile.mkdtemp(prefix="colora-server-"))
+    # The SuperLink's state (registered owners, their node ids) persists beside the run directory, so a
+    # server restarted with --resume keeps its owners: their SuperNodes reconnect under the same ids.
+    run_path = Path(resume or out).resolve()
+    work = run_path.parent / f"{run_path.name}.server"
+    work.mkdir(parents=True, exist_ok=True)
     status = work / "status.json"
+    status.unlink(missing_ok=True)
     env = flower_env(work / "flower")
-    (work / "flower").mkdir()
+    (work / "flower").mkdir(exist_ok=True)
     (work / "flower" / "config.toml").write_text(
         f'[superlink]\ndefault = "{FLOWER_NAME}"\n\n[superlink.{FLOWER_NAME}]\naddress = "{host}:{port}"\n'
         f"root-certificates = {_toml_str(str(ca.resolve()))}\n")
     write_app(work / "app", {"config": str(Path(config).resolve()), "overrides": json.dumps(overrides),
                              "out": str(Path(out).resolve()) if out else "", "resume": str(resume.resolve()) if resume else "",
-                             "status": str(status)})
+                             "status": str(status), "join_timeout": str(join_timeout)})
     link = subprocess.Popen([flower_command("flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
                              "--ssl-keyfile", str(key), "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                             "--database", str(work / "superlink.db"),
                              "--host", host, "--port", str(port)], env=env, cwd=work,
                             stdout=open(work / "superlink.log", "w"), stderr=subprocess.STDOUT)
     try:
@@ -124,7 +130,7 @@ def run_server(config: str | None, overrides: list[str], out: str | None, resume
         for k in keys:
             reg = subprocess.run([flower_command("flwr"), "supernode", "register", str(k), FLOWER_NAME], env=env, cwd=work,
                                  capture_output=True, text=True)
-            if reg.returncode != 0:
+            if reg.returncode != 0 and "already" not in (reg.stdout + reg.stderr).lower():
                 raise ColoraError(f"registering owner key {k} failed: {' '.join((reg.stdout + reg.stderr).split())[-300:]}")
         log(f"colora: serving {cfg.algorithm} on {host}:{port} (TLS, {len(keys)} registered owners); waiting for them to join")
         run = subprocess.run([flower_command("flwr"), "run", str(work / "app"), FLOWER_NAME, "--stream"], env=env, cwd=work)
@@ -141,5 +147,3 @@ def run_server(config: str | None, overrides: list[str], out: str | None, resume
             link.wait(15)
         except subprocess.TimeoutExpired:
             link.kill()
-        if status.exists() and json.loads(status.read_text()).get("ok"):
-            shutil.rmtree(work, ignore_errors=True)

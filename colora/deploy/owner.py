@@ -166,19 +166,24 @@ def run_owner(cfg: Config, server: str, ca: Path, key: Path, client: int | None 
     env = {**os.environ, "FLWR_HOME": os.path.join(folder, "flower"),  # the run's Flower app lands here, not in ~/.flwr
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     command = [flower_command("flower-supernode"), "--root-certificates", str(ca), "--superlink", server,
-               "--auth-supernode-private-key", str(key), "--node-config", f'colora-socket="{path}"', "--max-retries", "20"]
+               "--auth-supernode-private-key", str(key), "--node-config", f'colora-socket="{path}"', "--max-wait-time", str(join_timeout)]
     log(f"colora: data owner of client {owner.client} ({owner.samples} rows) joining {server}")
     node, lines, connected, began = None, [], threading.Event(), time.monotonic()
     try:
         while not owner.finished.wait(0.5):
             if node is None or node.poll() is not None:
-                if node is not None and (connected.is_set() or time.monotonic() - began > join_timeout):
-                    tail = " ".join(" ".join(lines[-6:]).split())[-400:]
-                    raise ColoraError(f"the Flower SuperNode stopped (exit code {node.returncode}): the server at {server} refused "
-                                      f"this node or did not answer; check the address, that the server runs, and that this "
-                                      f"owner's public key is registered with it ({tail})")
-                if node is not None:  # refused: not registered, or still online from before (a restart, or a retry
-                    time.sleep(RETRY_S)  # of a slow activation): the server frees a node once its heartbeat lapses
+                if node is not None:
+                    if connected.is_set():  # a working connection lost (the server restarts, the network broke):
+                        connected.clear()   # keep trying for another join timeout
+                        began = time.monotonic()
+                        log(f"colora: lost the connection to {server}; reconnecting")
+                    elif time.monotonic() - began > join_timeout:
+                        tail = " ".join(" ".join(lines[-6:]).split())[-400:]
+                        raise ColoraError(f"the server at {server} refused this node or did not answer for {join_timeout:g} s "
+                                          f"(Flower SuperNode exit code {node.returncode}); check the address, that the server "
+                                          f"runs, and that this owner's public key is registered with it ({tail})")
+                    # refused: not registered, or still online from before (a restart, or a retry of a slow
+                    time.sleep(RETRY_S)  # activation): the server frees a node once its heartbeat lapses
                 node, lines = _start_node(command + ["--port", str(free_port())], env, connected)
     finally:
         if node is not None:

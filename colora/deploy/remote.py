@@ -102,13 +102,13 @@ class RemoteClients:
     def executor(self) -> "RemoteClients":
         return self
 
-    def join_nodes(self, nodes: list[int]) -> list[int]:
+    def join_nodes(self, nodes: list[int], timeout: float = 600.0) -> list[int]:
         """Ask every connected owner which client's data it holds (and check its config); binds
         client ids to ``nodes`` and returns the training rows by client id. An owner that is
         missing, refuses or runs another config stops the deployment before training (exit 2)."""
         cfg = self.cfg
         n = cfg.clients.num
-        answers = self.transport.broadcast(nodes, join_message(cfg), cfg.federation.round_timeout_s)
+        answers = self.transport.broadcast(nodes, join_message(cfg), timeout)
         sizes: dict[int, int] = {}
         for node in nodes:
             if node not in answers:
@@ -128,8 +128,8 @@ class RemoteClients:
             self.transport.bind(k, node)
         missing = sorted(set(range(n)) - set(sizes))
         if missing:
-            raise ColoraError(f"no data owner answered for clients {missing} within federation.round_timeout_s="
-                              f"{cfg.federation.round_timeout_s:g} s; start them (colora deploy client) or raise the timeout")
+            raise ColoraError(f"no data owner answered for clients {missing} within {timeout:g} s; start them "
+                              "(colora deploy client) or raise colora deploy server --join-timeout")
         self.sizes = [sizes[k] for k in range(n)]
         self._since, self._round_began = self.transport.wire_bytes(), time.perf_counter()
         return self.sizes
