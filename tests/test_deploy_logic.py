@@ -10,15 +10,16 @@ import pytest
 import yaml
 
 from colora.cli import main
+from colora.codecs import unpack
 from colora.config import ColoraError
 from colora.data import load_task
 from colora.data.party import load_party
 from colora.deploy.owner import Owner
 from colora.deploy.partition import split_data
-from colora.deploy.remote import RemoteClients, config_fingerprint, join_message, refusal_reason
+from colora.deploy.remote import RemoteClients, config_fingerprint, join_message, refusal_reason, unwrap_blob
 from colora.engines import Engine
 from colora.experiment import run_experiment
-from colora.messages import decode, encode
+from colora.messages import decode, encode, header
 
 from .conftest import read_rows, tiny_config
 
@@ -27,7 +28,7 @@ class DirectTransport:
     """Bytes to the owners' ``handle`` in this process; ``drop``: {round: clients that do not answer}."""
 
     def __init__(self, owners: list[Owner], drop: dict[int, set[int]] | None = None):
-        self.owners, self.drop, self.node_of, self.calls = owners, drop or {}, {}, 0
+        self.owners, self.drop, self.node_of, self.calls, self.received = owners, drop or {}, {}, 0, []
 
     def broadcast(self, nodes, blob, timeout):
         return {n: self.owners[n].handle(blob) for n in nodes}
@@ -38,7 +39,9 @@ class DirectTransport:
     def exchange(self, messages, timeout):
         self.calls += 1
         gone = self.drop.get(self.calls, set())
-        return {c: self.owners[self.node_of[c]].handle(b) for c, b in messages if c not in gone}
+        answers = {c: self.owners[self.node_of[c]].handle(b) for c, b in messages if c not in gone}
+        self.received += answers.values()
+        return answers
 
     def wire_bytes(self):
         return 0, 0
@@ -68,12 +71,33 @@ def test_owner_folders_hold_the_simulations_partition(deployment):
         assert len(server.train) == 0 and server.eval.text_a == task.eval.text_a
 
 
-def test_deployed_rounds_equal_the_simulation_exactly(deployment, tmp_path):
-    cfg, data = deployment
+SMALL = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=32, rounds=2, train__local_steps=2)
+ADAMW_KEEP = dict(train__optimizer="adamw", train__lr=0.01, train__client_optimizer="keep")
+MIXED = dict(federation__ranks=[2, 4, 8])
+CASES = {  # every paradigm that deploys, with the state a client's task must carry (as tests/test_engines.py)
+    "fedavg-dirichlet": dict(clients__partition="dirichlet", clients__alpha=0.5),
+    "fedavg-fedit-fedadam-prox": dict(federation__server_optimizer="fedadam", federation__server_lr=0.01, train__prox_mu=0.1),
+    "fedavg-zero_pad-mixed-keep": dict(federation__aggregator="zero_pad", **MIXED, **ADAMW_KEEP),
+    "fedavg-svd-mixed": dict(federation__aggregator="svd", **MIXED),
+    "fedavg-stack-mixed": dict(federation__aggregator="stack", **MIXED),
+    "fedavg-hlora": dict(federation__aggregator="hlora"),
+    "sl-u_shaped": dict(algorithm="sl", split__layer=2, split__u_shaped=True),
+    "splitlora-shared-keep": dict(algorithm="splitlora", split__layer=1, split__aggregate_every=1, **ADAMW_KEEP),
+    "splitlora-per_client-u_shaped-mixed": dict(algorithm="splitlora", split__layer=2, split__server="per_client",
+                                                 split__u_shaped=True, federation__aggregator="svd", **MIXED),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_deployed_rounds_equal_the_simulation_exactly(case, tmp_path):
+    cfg = tiny_config(**{**SMALL, **CASES[case]})
+    split_data(cfg, tmp_path / "data")
+    data = tmp_path / "data"
     sim = run_experiment(cfg, out=str(tmp_path / "sim"))
     server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
     # owners join in another order than their client ids: the join binds each id to its owner
-    remote = RemoteClients(server_cfg, DirectTransport(_owners(cfg, [data / f"client_{k}" for k in range(3)], [2, 0, 1])))
+    transport = DirectTransport(_owners(cfg, [data / f"client_{k}" for k in range(3)], [2, 0, 1]))
+    remote = RemoteClients(server_cfg, transport)
     remote.join_nodes([0, 1, 2])
     dep = run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote)
     for a, b in zip(read_rows(sim), read_rows(dep), strict=True):
@@ -81,8 +105,13 @@ def test_deployed_rounds_equal_the_simulation_exactly(deployment, tmp_path):
             assert b["dropouts"] == [] and {"wire_bytes_up", "wire_bytes_down", "round_wall_s"} <= set(b)
         for key in ("eval/loss", "eval/accuracy", "train_loss", "bytes_up", "bytes_down", "sim_time_s"):
             assert a[key] == pytest.approx(b[key], abs=1e-6) if a[key] is not None else b[key] is None, key
-    assert json.loads((dep / "partition.json").read_text())["sizes"] == remote.sizes
-    assert "histogram" not in json.loads((dep / "partition.json").read_text())  # the owners' label counts stay with them
+    info = json.loads((dep / "partition.json").read_text())
+    assert info["sizes"] == remote.sizes and "histogram" not in info  # the owners' label counts stay with them
+    if cfg.split.u_shaped:  # labels never leave a U-shaped client: not in anything the server received
+        uplinks = [unpack(unwrap_blob(decode(b, "split_client")[1])) for b in transport.received
+                   if header(b)["kind"] == "split_client" and not header(b)["done"]]
+        assert uplinks and all("labels" not in u for u in uplinks)
+        assert any("activation" in u or "activation.q" in u for u in uplinks)
 
 
 def test_a_client_that_does_not_answer_is_a_dropout_and_too_few_answers_stop_the_run(deployment, tmp_path):
@@ -152,13 +181,16 @@ def test_bad_deployment_input_is_one_line_and_exit_2(deployment, tmp_path, capsy
     assert "data.name" in _one_error_line(capsys)
     other = tmp_path / "other"
     assert main(["deploy", "keys", str(other), "--clients", "1"]) == 0
-    server = ["deploy", "server", str(path), "--owner-keys", str(pki / "client_0.pub"), "--data", str(data / "server")]
+    server = ["deploy", "server", str(path), "--owner-keys", str(pki / "client_0.pub"), "--data", str(data / "server"),
+              "--out", str(tmp_path / "run")]
     (tmp_path / "mixed").mkdir()
     for name, source in (("ca.crt", other), ("server.pem", pki), ("server.key", pki)):
         (tmp_path / "mixed" / name).write_bytes((source / name).read_bytes())
     assert main([*server, "--credentials", str(tmp_path / "mixed")]) == 2
     assert "not signed by CA" in _one_error_line(capsys)
-    assert main([*server, "--credentials", str(pki), "--set", "algorithm=splitlora"]) == 2
+    assert main([*server, "--credentials", str(pki), "--set", "algorithm=declora"]) == 2
     assert "does not deploy yet" in _one_error_line(capsys)
+    assert main([*server, "--credentials", str(pki), "--set", "engine.fuse=2"]) == 2
+    assert "engine.fuse=2" in _one_error_line(capsys)
     assert main(["deploy", "split-data", str(path), str(data)]) == 2
     assert "not empty" in _one_error_line(capsys)

@@ -25,7 +25,8 @@ from .owner import flower_command
 from .pki import check_public_key, check_server_credentials
 
 STARTUP_S = 60.0
-FLOWER_NAME = "colora"  # the SuperLink connection's name in the generated Flower configuration
+FLOWER_NAME = "colora"
+DEPLOYS = ("fedavg", "splitlora", "sl")  # the SuperLink connection's name in the generated Flower configuration
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -100,9 +101,11 @@ def run_server(config: str | None, overrides: list[str], out: str | None, resume
         raise ColoraError("colora deploy server needs --out RUN_DIR (its Flower state is kept beside it, in RUN_DIR.server)")
     overrides = [*overrides, f"data.path={Path(data).resolve()}"]
     cfg = load_config(config, overrides)  # a bad config answers before anything starts
-    if cfg.algorithm not in ("fedavg",):
-        raise ColoraError(f"algorithm={cfg.algorithm} does not deploy yet: deployment runs fedavg (every aggregator, server "
-                          "optimizer, FedProx); splitlora, sl and declora run in simulation (colora run)")
+    if cfg.algorithm not in DEPLOYS:
+        raise ColoraError(f"algorithm={cfg.algorithm} does not deploy{' yet' if cfg.algorithm == 'declora' else ''}: deployment "
+                          f"runs {', '.join(DEPLOYS)}; {cfg.algorithm} runs in simulation (colora run)")
+    if cfg.engine.fuse > 1:
+        raise ColoraError(f"engine.fuse={cfg.engine.fuse}: each data owner trains its own client; deployment runs engine.fuse=1")
     if cfg.eval.client_holdout > 0:
         raise ColoraError("eval.client_holdout needs each owner's held-out rows on the server: it does not deploy; set it to 0")
     # The SuperLink's state (registered owners, their node ids) persists beside the run directory, so a

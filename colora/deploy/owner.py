@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..adapters import RankedAdapters, attach_lora
+from ..algorithms import get_algorithm
 from ..config import ColoraError, Config
 from ..data.party import party_info
 from ..engines.engine import check_max_length
@@ -30,7 +31,7 @@ from ..engines.runtime import ClientRuntime, load_data
 from ..messages import MessageError, decode, header
 from ..models import load_base_model, load_tokenizer, resolve_device
 from .pki import check_client_credentials
-from .remote import config_fingerprint, joined_message, refusal
+from .remote import config_fingerprint, joined_message, refusal, unwrap_blob, wrap
 from .wire import recv_frame, send_frame
 
 # Flower's SuperNode exits with this code when the SuperLink refuses or cannot be reached.
@@ -63,7 +64,8 @@ class Owner:
         parts = [np.arange(0)] * cfg.clients.num
         parts[self.client] = np.arange(len(task.train))
         self.samples = len(task.train)
-        self.runtime = ClientRuntime(cfg, model, RankedAdapters(model, cfg.seed), data, parts, [cfg.model.lora.r])
+        split = get_algorithm(cfg.algorithm).runner == "split"
+        self.runtime = ClientRuntime(cfg, model, RankedAdapters(model, cfg.seed), data, parts, [cfg.model.lora.r], split)
         self.lock = threading.Lock()
 
     def handle(self, blob: bytes) -> bytes:
@@ -86,10 +88,28 @@ class Owner:
                     return refusal(f"this owner holds client {self.client}'s data, not client {task.get('client_id')}'s")
                 self.runtime.adapters.ensure(task.get("rank") or self.cfg.model.lora.r)
                 return self.runtime.run_task(blob)
+            if kind in ("split_job", "split_reply") and self.runtime.split is not None:
+                return self._split(kind, blob)
             if kind == "bye":
                 self.stop(None)
                 return joined_message(self.client, self.samples, self.fingerprint)
             return refusal(f"a {kind!r} message is not one a data owner answers")
+
+    def _split(self, kind: str, blob: bytes) -> bytes:
+        """One turn of a split conversation: a job starts the client part (its uplink goes back), a
+        server reply continues it (the next uplink, or the step's result when done)."""
+        client = self.runtime.split
+        try:
+            if kind == "split_job":
+                if header(blob).get("client_id") != self.client:
+                    return refusal(f"this owner holds client {self.client}'s data, not client {header(blob).get('client_id')}'s")
+                return wrap("split_client", client.start(blob), done=False)
+            _, groups = decode(blob, "split_reply")
+            done, message = client.reply(unwrap_blob(groups))
+            return wrap("split_client", message, done=done)
+        except (ValueError, KeyError, RuntimeError) as exc:  # a message that does not fit the conversation
+            client.abort()
+            return refusal(f"split step failed on client {self.client}'s owner: {exc}")
 
     def stop(self, reason: str | None) -> None:
         self.stop_reason = reason

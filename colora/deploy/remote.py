@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import torch
 from tqdm import tqdm
 
 from ..config import ColoraError, Config
-from ..messages import MessageError, decode, decode_result, encode, encode_task
+from ..messages import MessageError, decode, decode_result, encode, encode_task, header
 from ..types import ClientResult, ClientTask
 
 # Settings that may differ between parties: where each party's data lies, how its own machine
@@ -68,6 +69,15 @@ def join_message(cfg: Config) -> bytes:
 def joined_message(client: int, samples: int, fingerprint: str) -> bytes:
     """An owner's answer to :func:`join_message`: its client id, training rows and config fingerprint."""
     return encode("joined", {"client": client, "samples": samples, "fingerprint": fingerprint}, {})
+
+
+def wrap(kind: str, blob: bytes, **scalars) -> bytes:
+    """Raw bytes (a split message) inside a colora message of ``kind``."""
+    return encode(kind, scalars, {"blob/": {"bytes": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}})
+
+
+def unwrap_blob(groups: dict) -> bytes:
+    return groups["blob/"]["bytes"].numpy().tobytes()
 
 
 def refusal(reason: str) -> bytes:
@@ -186,8 +196,29 @@ class RemoteClients:
         self._since, self._round_began = (up, down), now
         return report
 
-    def converse(self, jobs, serve):
-        raise ColoraError("split learning does not deploy yet (algorithm splitlora / sl); use fedavg")
+    def converse(self, jobs: list[bytes], serve: Callable[[int, bytes], tuple[bool, bytes]]) -> list[bytes]:
+        """Split conversations with the owners, one job after another in job order (the order the
+        server part meets them in every engine): the job down, each uplink served, each reply down,
+        until the owner's client part sends its result. A job's server part is mid-step while its
+        owner computes, so an owner that does not answer stops the round (exit 2; the last completed
+        round stays checkpointed for --resume) instead of dropping out."""
+        out = []
+        for i, job in enumerate(jobs):
+            client = int(header(job)["client_id"])
+            done, message = self._ask(client, job)
+            while not done:
+                done, message = self._ask(client, wrap("split_reply", serve(i, message)[1]))
+            out.append(message)
+        return out
+
+    def _ask(self, client: int, blob: bytes) -> tuple[bool, bytes]:
+        answer = self.transport.exchange([(client, blob)], self.cfg.federation.round_timeout_s).get(client)
+        reason = "no answer within federation.round_timeout_s" if answer is None else refusal_reason(answer)
+        if reason is not None:
+            raise ColoraError(f"client {client}'s owner stopped answering mid-step ({reason}); split learning cannot leave "
+                              "a client out mid-step: restart the owner and resume with colora deploy server --resume")
+        scalars, groups = decode(answer, "split_client")
+        return bool(scalars["done"]), unwrap_blob(groups)
 
     def start(self) -> None:
         pass
