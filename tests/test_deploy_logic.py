@@ -16,6 +16,7 @@ from colora.data import load_task
 from colora.data.party import load_party
 from colora.deploy.owner import Owner
 from colora.deploy.partition import split_data
+from colora.deploy.pki import make_credentials, owner_public_keys
 from colora.deploy.remote import RemoteClients, config_fingerprint, join_message, refusal_reason, unwrap_blob
 from colora.engines import Engine
 from colora.experiment import run_experiment
@@ -47,9 +48,26 @@ class DirectTransport:
         return 0, 0
 
 
-def _owners(cfg, folders, order=None):
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A deployment's keys: client_0 .. client_2 registered, client_3 a stranger's."""
+    out = tmp_path_factory.mktemp("pki")
+    make_credentials(out, 4, ["127.0.0.1"])
+    return out
+
+
+def _owners(cfg, folders, order=None, pki=None, keys=None):
+    """Owners of ``folders`` (in ``order``), each with the key of its folder's client (or ``keys[i]``)."""
     order = order or list(range(len(folders)))
-    return [Owner(cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(folders[k])})})) for k in order]
+    out = []
+    for i, k in enumerate(order):
+        key = None if pki is None else pki / f"client_{keys[i] if keys else int(folders[k].name.split('_')[1])}"
+        out.append(Owner(cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(folders[k])})}), key=key))
+    return out
+
+
+def _registered(pki, n=3):
+    return owner_public_keys([pki / f"client_{k}.pub" for k in range(n)])
 
 
 @pytest.fixture
@@ -89,15 +107,15 @@ CASES = {  # every paradigm that deploys, with the state a client's task must ca
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_deployed_rounds_equal_the_simulation_exactly(case, tmp_path):
+def test_deployed_rounds_equal_the_simulation_exactly(case, tmp_path, pki):
     cfg = tiny_config(**{**SMALL, **CASES[case]})
     split_data(cfg, tmp_path / "data")
     data = tmp_path / "data"
     sim = run_experiment(cfg, out=str(tmp_path / "sim"))
     server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
     # owners join in another order than their client ids: the join binds each id to its owner
-    transport = DirectTransport(_owners(cfg, [data / f"client_{k}" for k in range(3)], [2, 0, 1]))
-    remote = RemoteClients(server_cfg, transport)
+    transport = DirectTransport(_owners(cfg, [data / f"client_{k}" for k in range(3)], [2, 0, 1], pki))
+    remote = RemoteClients(server_cfg, transport, _registered(pki))
     remote.join_nodes([0, 1, 2])
     dep = run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote)
     for a, b in zip(read_rows(sim), read_rows(dep), strict=True):
@@ -141,8 +159,26 @@ def test_owners_refuse_what_is_not_theirs(deployment):
     assert "not a colora message" in refusal_reason(_owners(cfg, [data / "client_1"])[0].handle(b"\x00" * 20))
     fresh = _owners(cfg, [data / "client_1"])[0]
     scalars, _ = decode(fresh.handle(join_message(cfg)), "joined")
-    assert scalars == {"client": 1, "samples": fresh.samples, "fingerprint": config_fingerprint(cfg)}
+    assert scalars == {"client": 1, "samples": fresh.samples, "fingerprint": config_fingerprint(cfg), "signature": ""}
     assert "not one a data owner answers" in refusal_reason(fresh.handle(encode("result", {}, {})))
+
+
+def test_a_client_id_is_taken_only_with_its_registered_key(deployment, pki):
+    cfg, data = deployment
+    folders = [data / f"client_{k}" for k in range(3)]
+    # client 1's folder, signed with the stranger's key: a registered-but-wrong or unknown node
+    owners = _owners(cfg, folders, pki=pki, keys=[0, 3, 2])
+    logged = []
+    remote = RemoteClients(cfg, DirectTransport(owners), _registered(pki), log=logged.append)
+    with pytest.raises(ColoraError, match=r"clients \[1\]"):
+        remote.join_nodes([0, 1, 2])
+    assert logged == ["colora: a node claiming client 1 did not sign the join with client 1's registered key: ignored"]
+    unsigned = _owners(cfg, folders)  # owners without keys cannot answer the challenge at all
+    with pytest.raises(ColoraError, match=r"clients \[0, 1, 2\]"):
+        RemoteClients(cfg, DirectTransport(unsigned), _registered(pki), log=logged.append).join_nodes([0, 1, 2])
+    remote = RemoteClients(cfg, DirectTransport(_owners(cfg, folders, pki=pki)), _registered(pki))
+    assert remote.join_nodes([0, 1, 2]) == [len(Owner(cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"path": str(f)})})).runtime.trainer.parts[k]) for k, f in enumerate(folders)]
 
 
 def test_the_join_refuses_duplicate_or_missing_owners(deployment):
@@ -165,7 +201,7 @@ def test_bad_deployment_input_is_one_line_and_exit_2(deployment, tmp_path, capsy
     cfg, data = deployment
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
-    assert main(["deploy", "keys", str(tmp_path / "pki"), "--clients", "3"]) == 0
+    assert main(["deploy", "keys", str(tmp_path / "pki"), "--clients", "4"]) == 0
     pki = tmp_path / "pki"
     owner = ["deploy", "client", str(path), "--data", str(data / "client_0"), "--server", "127.0.0.1:9", "--key", str(pki / "client_0")]
     assert main([*owner, "--ca", str(tmp_path / "missing.crt")]) == 2
@@ -181,8 +217,8 @@ def test_bad_deployment_input_is_one_line_and_exit_2(deployment, tmp_path, capsy
     assert "data.name" in _one_error_line(capsys)
     other = tmp_path / "other"
     assert main(["deploy", "keys", str(other), "--clients", "1"]) == 0
-    server = ["deploy", "server", str(path), "--owner-keys", str(pki / "client_0.pub"), "--data", str(data / "server"),
-              "--out", str(tmp_path / "run")]
+    server = ["deploy", "server", str(path), "--owner-keys", *[str(pki / f"client_{k}.pub") for k in range(3)],
+              "--data", str(data / "server"), "--out", str(tmp_path / "run")]
     (tmp_path / "mixed").mkdir()
     for name, source in (("ca.crt", other), ("server.pem", pki), ("server.key", pki)):
         (tmp_path / "mixed" / name).write_bytes((source / name).read_bytes())
@@ -192,5 +228,13 @@ def test_bad_deployment_input_is_one_line_and_exit_2(deployment, tmp_path, capsy
     assert "does not deploy yet" in _one_error_line(capsys)
     assert main([*server, "--credentials", str(pki), "--set", "engine.fuse=2"]) == 2
     assert "engine.fuse=2" in _one_error_line(capsys)
+    assert main([*server, "--credentials", str(pki), "--set", "clients.num=4", "--set", "clients.per_round=4"]) == 2
+    assert "3 keys for clients.num=4" in _one_error_line(capsys)
+    assert main([*server[:4], str(pki / "client_0.pub"), str(pki / "client_2.pub"), str(pki / "ca.crt"), *server[7:],
+                 "--credentials", str(pki)]) == 2
+    assert "ca.crt: missing or not an OpenSSH public key" in _one_error_line(capsys)
+    assert main([*server[:4], str(pki / "client_0.pub"), str(pki / "client_2.pub"), str(pki / "client_3.pub"), *server[7:],
+                 "--credentials", str(pki)]) == 2
+    assert "clients [0, 2, 3] given" in _one_error_line(capsys)
     assert main(["deploy", "split-data", str(path), str(data)]) == 2
     assert "not empty" in _one_error_line(capsys)

@@ -93,6 +93,7 @@ def _serve(grid: Grid, context: Context) -> None:
     """Run the config given in the run config on the connected owners; the outcome goes to
     ``status`` (a JSON file colora deploy server reads: Flower's own exit codes do not carry it)."""
     from ..experiment import run_experiment  # torch and model code only here: the ClientApp never imports them
+    from .pki import owner_public_keys
     from .remote import RemoteClients
 
     rc = context.run_config
@@ -100,7 +101,7 @@ def _serve(grid: Grid, context: Context) -> None:
     try:
         cfg = load_config(str(rc["config"]), json.loads(str(rc["overrides"])))
         transport = FlowerTransport(grid)
-        remote = RemoteClients(cfg, transport)
+        remote = RemoteClients(cfg, transport, owner_public_keys([Path(p) for p in json.loads(str(rc["owner_keys"]))]))
         nodes = transport.wait_for_nodes(cfg.clients.num, float(rc["join_timeout"]))
         remote.join_nodes(nodes, float(rc["join_timeout"]))
         resume = str(rc["resume"])

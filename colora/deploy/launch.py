@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..config import ColoraError, load_config
 from .owner import flower_command
-from .pki import check_public_key, check_server_credentials
+from .pki import check_server_credentials, owner_public_keys
 
 STARTUP_S = 60.0
 FLOWER_NAME = "colora"
@@ -92,8 +92,7 @@ def run_server(config: str | None, overrides: list[str], out: str | None, resume
     check_server_credentials(ca, cert, key)
     if not keys:
         raise ColoraError("no owner public keys to register: give --owner-keys DIR/client_*.pub (colora deploy keys writes them)")
-    for k in keys:
-        check_public_key(k)
+    owner_public_keys(keys)  # each a public key; client_K.pub names client K's
     if resume is not None:
         config = str(resume / "config.yaml")
         out = None
@@ -104,6 +103,8 @@ def run_server(config: str | None, overrides: list[str], out: str | None, resume
     if cfg.algorithm not in DEPLOYS:
         raise ColoraError(f"algorithm={cfg.algorithm} does not deploy{' yet' if cfg.algorithm == 'declora' else ''}: deployment "
                           f"runs {', '.join(DEPLOYS)}; {cfg.algorithm} runs in simulation (colora run)")
+    if len(keys) != cfg.clients.num:
+        raise ColoraError(f"--owner-keys: {len(keys)} keys for clients.num={cfg.clients.num}; register one key per client")
     if cfg.engine.fuse > 1:
         raise ColoraError(f"engine.fuse={cfg.engine.fuse}: each data owner trains its own client; deployment runs engine.fuse=1")
     if cfg.eval.client_holdout > 0:
@@ -122,7 +123,8 @@ def run_server(config: str | None, overrides: list[str], out: str | None, resume
         f"root-certificates = {_toml_str(str(ca.resolve()))}\n")
     write_app(work / "app", {"config": str(Path(config).resolve()), "overrides": json.dumps(overrides),
                              "out": str(Path(out).resolve()) if out else "", "resume": str(resume.resolve()) if resume else "",
-                             "status": str(status), "join_timeout": str(join_timeout)})
+                             "status": str(status), "join_timeout": str(join_timeout),
+                             "owner_keys": json.dumps([str(k) for k in keys])})
     link = subprocess.Popen([flower_command("flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
                              "--ssl-keyfile", str(key), "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                              "--database", str(work / "superlink.db"),

@@ -30,7 +30,7 @@ from ..engines.engine import check_max_length
 from ..engines.runtime import ClientRuntime, load_data
 from ..messages import MessageError, decode, header
 from ..models import load_base_model, load_tokenizer, resolve_device
-from .pki import check_client_credentials
+from .pki import check_client_credentials, load_owner_key, sign_join
 from .remote import config_fingerprint, joined_message, refusal, unwrap_blob, wrap
 from .wire import recv_frame, send_frame
 
@@ -46,7 +46,7 @@ JOIN_TIMEOUT_S = 120.0
 class Owner:
     """Answers the server's messages for one client from the data in ``cfg.data.path``."""
 
-    def __init__(self, cfg: Config, client: int | None = None):
+    def __init__(self, cfg: Config, client: int | None = None, key: Path | None = None):
         info = party_info(cfg.data.path)
         if info.get("role") != "owner":
             raise ColoraError(f"--data {cfg.data.path}: a {info.get('role')} folder, not a data owner's (colora deploy split-data writes client_K folders)")
@@ -54,6 +54,7 @@ class Owner:
         if not 0 <= self.client < cfg.clients.num:
             raise ColoraError(f"client {self.client} is not one of the config's clients.num={cfg.clients.num}")
         self.cfg, self.fingerprint, self.finished, self.stop_reason = cfg, config_fingerprint(cfg), threading.Event(), None
+        self.signer = load_owner_key(key) if key is not None else None  # answers the server's join challenge
         tokenizer = load_tokenizer(cfg.model)
         task, data = load_data(cfg, tokenizer)
         base = load_base_model(cfg.model, task.num_labels, tokenizer, seed=cfg.seed)
@@ -81,7 +82,8 @@ class Owner:
                     self.stop(f"the server runs another config (fingerprint {scalars.get('fingerprint')}, this owner's is "
                               f"{self.fingerprint}); start the owner with the server's config file")
                     return refusal(f"client {self.client}'s owner runs another config (fingerprint {self.fingerprint})")
-                return joined_message(self.client, self.samples, self.fingerprint)
+                signature = sign_join(self.signer, str(scalars.get("nonce", "")), self.fingerprint, self.client) if self.signer else ""
+                return joined_message(self.client, self.samples, self.fingerprint, signature)
             if kind == "task":
                 task = header(blob)
                 if task.get("client_id") != self.client:
@@ -179,7 +181,7 @@ def run_owner(cfg: Config, server: str, ca: Path, key: Path, client: int | None 
     Returns 0 when the server ends the run; raises ColoraError (exit 2) on bad credentials, a server
     that refuses or does not answer for ``join_timeout`` seconds, or another config."""
     check_client_credentials(ca, key)
-    owner = Owner(cfg, client)
+    owner = Owner(cfg, client, key)
     folder = tempfile.mkdtemp(prefix="colora-owner-")  # 0700: only this user reaches the socket
     path = os.path.join(folder, "socket")
     listener = serve(owner, path)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -86,7 +88,7 @@ def check_server_credentials(ca: Path, cert: Path, key: Path) -> None:
         raise ColoraError(f"server certificate {cert} is not signed by CA {ca} ({type(exc).__name__}); use the files of one colora deploy keys") from None
     try:
         private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, UnsupportedAlgorithm) as exc:
         raise ColoraError(f"server key {key}: missing or not a PEM private key ({exc})") from None
     if private.public_key().public_numbers() != certificate.public_key().public_numbers():
         raise ColoraError(f"server key {key} does not belong to certificate {cert}; use the files of one colora deploy keys")
@@ -97,21 +99,63 @@ def check_server_credentials(ca: Path, cert: Path, key: Path) -> None:
 def check_client_credentials(ca: Path, key: Path) -> None:
     """An owner's CA certificate parses and its private key is an OpenSSH EC key."""
     _load_certificate(ca, "CA certificate")
-    try:
-        private = serialization.load_ssh_private_key(Path(key).read_bytes(), password=None)
-    except FileNotFoundError:
-        raise ColoraError(f"owner key {key}: no such file; the operator's colora deploy keys wrote client_K for each owner") from None
-    except ValueError as exc:
-        raise ColoraError(f"owner key {key}: not an OpenSSH private key ({exc}); use the client_K file of colora deploy keys") from None
-    if not isinstance(private, ec.EllipticCurvePrivateKey):
-        raise ColoraError(f"owner key {key}: not an elliptic-curve key (Flower's node authentication needs one, e.g. P-384)")
+    check_client_credentials_key(key)
 
 
 def check_public_key(path: Path) -> None:
     """A registered owner key is an OpenSSH EC public key."""
     try:
         key = serialization.load_ssh_public_key(Path(path).read_bytes())
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, UnsupportedAlgorithm) as exc:
         raise ColoraError(f"owner public key {path}: missing or not an OpenSSH public key ({exc})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ColoraError(f"owner public key {path}: not an elliptic-curve key")
+
+
+def _join_payload(nonce: str, fingerprint: str, client: int) -> bytes:
+    return f"colora-join|{nonce}|{fingerprint}|{client}".encode()
+
+
+def load_owner_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """An owner's private key (OpenSSH format, as colora deploy keys writes it)."""
+    check_client_credentials_key(path)
+    return serialization.load_ssh_private_key(Path(path).read_bytes(), password=None)
+
+
+def check_client_credentials_key(path: Path) -> None:
+    try:
+        key = serialization.load_ssh_private_key(Path(path).read_bytes(), password=None)
+    except FileNotFoundError:
+        raise ColoraError(f"owner key {path}: no such file; the operator's colora deploy keys wrote client_K for each owner") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ColoraError(f"owner key {path}: not an OpenSSH private key ({exc}); use the client_K file of colora deploy keys") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ColoraError(f"owner key {path}: not an elliptic-curve key (Flower's node authentication needs one, e.g. P-384)")
+
+
+def sign_join(key: ec.EllipticCurvePrivateKey, nonce: str, fingerprint: str, client: int) -> str:
+    """An owner's answer to the server's join challenge: ECDSA over (nonce, config fingerprint, client id)."""
+    return key.sign(_join_payload(nonce, fingerprint, client), ec.ECDSA(hashes.SHA384())).hex()
+
+
+def verify_join(public_key: ec.EllipticCurvePublicKey, signature: str, nonce: str, fingerprint: str, client: int) -> bool:
+    """Whether ``signature`` answers the challenge with the private key of ``public_key``."""
+    try:
+        public_key.verify(bytes.fromhex(signature), _join_payload(nonce, fingerprint, client), ec.ECDSA(hashes.SHA384()))
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+def owner_public_keys(paths: list[Path]) -> list[ec.EllipticCurvePublicKey]:
+    """The registered owners' public keys by client id: ``client_K.pub`` is client K's (as colora
+    deploy keys names them); other names count in the order given."""
+    for p in paths:
+        check_public_key(p)
+    ids = [re.fullmatch(r"client_(\d+)\.pub", Path(p).name) for p in paths]
+    if all(ids):
+        by_id = {int(m.group(1)): p for m, p in zip(ids, paths)}
+        if sorted(by_id) != list(range(len(paths))):
+            raise ColoraError(f"--owner-keys: clients {sorted(by_id)} given; give client_0.pub .. client_{len(paths) - 1}.pub, one per client")
+        paths = [by_id[k] for k in range(len(paths))]
+    return [serialization.load_ssh_public_key(Path(p).read_bytes()) for p in paths]

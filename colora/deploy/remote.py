@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from ..config import ColoraError, Config
 from ..messages import MessageError, decode, decode_result, encode, encode_task, header
 from ..types import ClientResult, ClientTask
+from .pki import verify_join
 
 # Settings that may differ between parties: where each party's data lies, how its own machine
 # computes and logs, and what only the server uses (how long it runs and waits, what it evaluates).
@@ -61,14 +63,15 @@ def config_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def join_message(cfg: Config) -> bytes:
-    """What the server sends every data owner first: the config's fingerprint."""
-    return encode("join", {"fingerprint": config_fingerprint(cfg)}, {})
+def join_message(cfg: Config, nonce: str = "") -> bytes:
+    """What the server sends every data owner first: the config's fingerprint and a fresh challenge."""
+    return encode("join", {"fingerprint": config_fingerprint(cfg), "nonce": nonce}, {})
 
 
-def joined_message(client: int, samples: int, fingerprint: str) -> bytes:
-    """An owner's answer to :func:`join_message`: its client id, training rows and config fingerprint."""
-    return encode("joined", {"client": client, "samples": samples, "fingerprint": fingerprint}, {})
+def joined_message(client: int, samples: int, fingerprint: str, signature: str = "") -> bytes:
+    """An owner's answer to :func:`join_message`: its client id, training rows, config fingerprint and
+    the challenge signed with its key (colora.deploy.pki.sign_join)."""
+    return encode("joined", {"client": client, "samples": samples, "fingerprint": fingerprint, "signature": signature}, {})
 
 
 def wrap(kind: str, blob: bytes, **scalars) -> bytes:
@@ -97,13 +100,15 @@ def refusal_reason(blob: bytes) -> str | None:
 class RemoteClients:
     """The data owners of a deployed run, reached through ``transport``; see the module docstring.
 
-    ``join()`` asks every owner for its client id's data size (and checks its config) before the
-    engine builds the algorithm; :attr:`executor` then runs each round's tasks remotely."""
+    ``join_nodes()`` asks every owner for its client id's data size (and checks its config) before
+    the engine builds the algorithm; :attr:`executor` then runs each round's tasks remotely. With
+    ``owner_keys`` (public keys by client id), an owner takes client K only by signing the join's
+    fresh challenge with client K's registered key."""
 
     restarts = 0  # nothing restarts here: an owner that leaves is a dropout
 
-    def __init__(self, cfg: Config, transport: Transport, log: Callable[[str], None] = tqdm.write):
-        self.cfg, self.transport, self.log = cfg, transport, log
+    def __init__(self, cfg: Config, transport: Transport, owner_keys: list | None = None, log: Callable[[str], None] = tqdm.write):
+        self.cfg, self.transport, self.log, self.owner_keys = cfg, transport, log, owner_keys
         self.sizes: list[int] = []
         self.dropouts: list[int] = []  # clients that did not answer in the current round
         self._since, self._round_began = (0, 0), time.perf_counter()
@@ -118,7 +123,8 @@ class RemoteClients:
         missing, refuses or runs another config stops the deployment before training (exit 2)."""
         cfg = self.cfg
         n = cfg.clients.num
-        answers = self.transport.broadcast(nodes, join_message(cfg), timeout)
+        nonce = secrets.token_hex(16)
+        answers = self.transport.broadcast(nodes, join_message(cfg, nonce), timeout)
         sizes: dict[int, int] = {}
         for node in nodes:
             if node not in answers:
@@ -131,6 +137,11 @@ class RemoteClients:
             except MessageError as exc:
                 raise ColoraError(f"a data owner answered the join with something else: {exc}") from None
             k = int(scalars["client"])
+            if self.owner_keys is not None and (k >= len(self.owner_keys) or not verify_join(
+                    self.owner_keys[k], str(scalars.get("signature", "")), nonce, config_fingerprint(cfg), k)):
+                # Flower admits any registered SuperNode; a client id is only taken with that client's own key
+                self.log(f"colora: a node claiming client {k} did not sign the join with client {k}'s registered key: ignored")
+                continue
             if not 0 <= k < n or k in sizes:
                 raise ColoraError(f"a data owner claims client {k}: clients.num={n} and each client id belongs to one owner; "
                                   "give each owner its own data folder")
