@@ -35,6 +35,9 @@ class MessageError(ValueError):
 
 def encode(kind: str, scalars: dict, tensors: dict[str, AdapterState | None]) -> bytes:
     """One message: ``tensors`` (groups of named tensors, None groups left out) and JSON ``scalars``."""
+    clash = {"kind", "groups", "order"} & scalars.keys()
+    if clash:
+        raise ValueError(f"message scalars {sorted(clash)}: names the message format reserves")
     flat, seen = {}, set()
     for prefix, group in tensors.items():
         for k, v in (group or {}).items():

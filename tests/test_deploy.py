@@ -155,6 +155,19 @@ def test_splitlora_u_shaped_deployed_equals_the_simulation(federation, tmp_path)
             assert a[key] == pytest.approx(b[key], abs=1e-6) if a[key] is not None else b[key] is None, key
 
 
+def test_declora_deployed_equals_the_simulation_and_nodes_mix_themselves(federation, tmp_path):
+    fed = federation(algorithm="declora", rounds=2, gossip__topology="ring", federation__round_timeout_s=120)
+    server = fed.server()
+    wait_for(server, "waiting for them to join")
+    owners = fed.owners()
+    assert finish(server) == 0, log_of(server)[-3000:]
+    assert all(finish(o) == 0 for o in owners)
+    sim = read_rows(run_experiment(fed.cfg, out=str(tmp_path / "sim")))
+    for a, b in zip(sim, read_rows(fed.root / "run"), strict=True):
+        for key in ("eval/loss", "train_loss", "bytes_up", "bytes_down", "consensus_distance"):
+            assert a.get(key) == pytest.approx(b.get(key), abs=1e-6) if a.get(key) is not None else b.get(key) is None, key
+
+
 def test_a_killed_owner_is_a_dropout_and_rejoins_after_a_restart(federation):
     fed = federation(rounds=10, federation__round_timeout_s=15, federation__min_clients=2, train__local_steps=1)
     server = fed.server()

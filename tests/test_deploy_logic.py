@@ -103,6 +103,8 @@ CASES = {  # every paradigm that deploys, with the state a client's task must ca
     "splitlora-shared-keep": dict(algorithm="splitlora", split__layer=1, split__aggregate_every=1, **ADAMW_KEEP),
     "splitlora-per_client-u_shaped-mixed": dict(algorithm="splitlora", split__layer=2, split__server="per_client",
                                                  split__u_shaped=True, federation__aggregator="svd", **MIXED),
+    "declora-ring-keep": dict(algorithm="declora", gossip__topology="ring", **ADAMW_KEEP),
+    "declora-complete-median": dict(algorithm="declora", gossip__topology="complete", federation__robust="median"),
 }
 
 
@@ -125,6 +127,9 @@ def test_deployed_rounds_equal_the_simulation_exactly(case, tmp_path, pki):
             assert a[key] == pytest.approx(b[key], abs=1e-6) if a[key] is not None else b[key] is None, key
     info = json.loads((dep / "partition.json").read_text())
     assert info["sizes"] == remote.sizes and "histogram" not in info  # the owners' label counts stay with them
+    if cfg.algorithm == "declora":  # every node mixed itself: one mixed state from each node a round
+        mixed = [decode(b, "mixed")[0]["node"] for b in transport.received if header(b)["kind"] == "mixed"]
+        assert sorted(mixed) == sorted(list(range(3)) * cfg.rounds)
     if cfg.split.u_shaped:  # labels never leave a U-shaped client: not in anything the server received
         uplinks = [unpack(unwrap_blob(decode(b, "split_client")[1])) for b in transport.received
                    if header(b)["kind"] == "split_client" and not header(b)["done"]]
@@ -224,8 +229,12 @@ def test_bad_deployment_input_is_one_line_and_exit_2(deployment, tmp_path, capsy
         (tmp_path / "mixed" / name).write_bytes((source / name).read_bytes())
     assert main([*server, "--credentials", str(tmp_path / "mixed")]) == 2
     assert "not signed by CA" in _one_error_line(capsys)
-    assert main([*server, "--credentials", str(pki), "--set", "algorithm=declora"]) == 2
-    assert "does not deploy yet" in _one_error_line(capsys)
+    assert main([*server, "--credentials", str(pki), "--set", "algorithm=central"]) == 2
+    assert "central pools" in _one_error_line(capsys)
+    assert main([*server, "--credentials", str(pki), "--set", "algorithm=declora", "--set", "gossip.quantize_bits=8"]) == 2
+    assert "compressed gossip" in _one_error_line(capsys)
+    assert main([*server, "--credentials", str(pki), "--set", "clients.byzantine.fraction=0.3"]) == 2
+    assert "clients.byzantine simulates" in _one_error_line(capsys)
     assert main([*server, "--credentials", str(pki), "--set", "engine.fuse=2"]) == 2
     assert "engine.fuse=2" in _one_error_line(capsys)
     assert main([*server, "--credentials", str(pki), "--set", "clients.num=4", "--set", "clients.per_round=4"]) == 2

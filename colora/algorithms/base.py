@@ -46,6 +46,9 @@ class Context:
     num_labels: int | None = None  # the task's classes (1: regression; None: a causal LM)
     # eval.client_holdout: evaluate a state on one client's own held-out slice
     evaluate_client: Callable[[AdapterState, int], dict[str, float]] | None = None
+    # declora: run the nodes' gossip steps (colora.algorithms.declora.MixJob -> the node's new state);
+    # None: on the driver, on the nodes' behalf (simulation); deployed, on the nodes themselves.
+    run_mixes: Callable[[list], list[AdapterState]] | None = None
 
 
 class Algorithm(ABC):

@@ -23,9 +23,11 @@ compressed, the packed difference payload of :mod:`colora.codecs`.
 
 Node role: each node's local steps run on the engine (a client task, in any worker); its gossip
 message is real bytes (its adapter, or its packed compressed difference q_i), and a node mixes only
-its own state with what it decodes from its neighbours' bytes. The driver relays the messages along
-the topology's edges, as a relay server does in deployment, and never averages nodes itself; the
-network average is computed for evaluation only.
+its own state with what it decodes from its neighbours' bytes (a :class:`MixJob` and
+:func:`mix_node`). The driver relays the messages along the topology's edges and never averages
+nodes itself; the network average is computed for evaluation only. Deployed (colora.deploy), the
+mix jobs go to the nodes, which mix themselves (``Context.run_mixes``); simulated, the driver runs
+:func:`mix_node` on each node's behalf.
 
 Memory: n adapter states (plus n public copies when compressed) live in the algorithm, O(adapter)
 per client; the frozen base stays the engine's one resident copy.
@@ -35,6 +37,8 @@ and gossips every round: ``clients.per_round`` (server-side sampling) does not a
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,7 +50,7 @@ from ..config import ColoraError
 from ..costmodel import declora_round_time
 from ..schedule import lr_at
 from ..states import lora_rank, payload_nbytes
-from ..topology import Topology, TopologySchedule, mix_row
+from ..topology import Topology, TopologySchedule
 from ..types import AdapterState, ClientTask, RoundResult
 from .base import Algorithm, screen_round, summarize_clients
 
@@ -70,32 +74,55 @@ def rounding_generator(seed: int, rnd: int, node: int) -> torch.Generator:
     return gen
 
 
-def plain_gossip(states: list[AdapterState], top: Topology) -> tuple[list[AdapterState], list[list[int]]]:
-    """Exact mixing; returns the new states and, per node, the sizes of the messages it sent.
+@dataclass
+class MixJob:
+    """Node ``node``'s gossip step, as the node runs it: its own state and what it decoded from its
+    neighbours (``states``, keyed by node), the weights W_ij of plain gossip, or, for robust gossip,
+    the neighbourhood's states before the round (``previous``) and the rule to apply."""
 
-    Node i sends the bytes of its adapter to each neighbour and mixes its own state with what it
-    decodes from its neighbours' bytes (fp32 payloads decode exactly)."""
+    node: int
+    states: dict[int, AdapterState]
+    weights: dict[int, float] = field(default_factory=dict)
+    previous: dict[int, AdapterState] | None = None
+    rule: str = "none"
+    order: list[int] = field(default_factory=list)  # robust: itself, then its neighbours in the topology's order
+
+
+def mix_node(job: MixJob, fed=None, alpha: float = 0.0) -> AdapterState:
+    """One node's new state from its :class:`MixJob`: sum_j W_ij theta_j over its neighbourhood in
+    increasing j (as :func:`colora.topology.mix_row`), or the plain mean of what ``federation.robust``
+    keeps of it. Pure: the node (or, simulated, the driver on the node's behalf) computes it."""
+    group = sorted(job.states)
+    if job.rule == "none":
+        return {k: sum(job.weights[j] * job.states[j][k] for j in group) for k in job.states[job.node]}
+    order = job.order
+    got = [job.states[j] for j in order]
+    kept, _ = ROBUST[job.rule](got, [1.0] * len(got), alpha, lora_rank(job.states[job.node]), fed,
+                               sents=[job.previous[j] for j in order])
+    return weighted_mean(kept, [1.0] * len(kept))
+
+
+def mix_jobs(states: list[AdapterState], previous: list[AdapterState], top: Topology, rule: str
+             ) -> tuple[list[MixJob], list[list[int]]]:
+    """Every node's mix job, and per node the sizes of the messages it sent: node i sends the bytes
+    of its adapter to each neighbour, which decodes them (fp32 payloads decode exactly)."""
     blobs = [pack(s) for s in states]
     received = [unpack(b) for b in blobs]  # every neighbour of j decodes the same bytes
-    mixed = [mix_row([states[j] if j == i else received[j] for j in range(top.n)], top.W, i) for i in range(top.n)]
-    return mixed, [[len(blobs[i])] * len(top.neighbors[i]) for i in range(top.n)]
-
-
-def robust_gossip(states: list[AdapterState], previous: list[AdapterState], top: Topology, rule, fed, alpha: float
-                  ) -> tuple[list[AdapterState], list[list[int]]]:
-    """Each node's robust combination of itself and its neighbours (``federation.robust``), in place of
-    W's weighted mix: the rule picks, clips or replaces the neighbourhood's states, and the node takes
-    their plain mean. Messages are the same bytes as plain gossip. Not doubly stochastic: the network
-    average is no longer preserved (the price of refusing a neighbour's pull)."""
-    blobs = [pack(s) for s in states]
-    received = [unpack(b) for b in blobs]
-    mixed = []
+    jobs = []
     for i in range(top.n):
-        group = [i, *top.neighbors[i]]
-        got = [states[j] if j == i else received[j] for j in group]
-        kept, weights = rule(got, [1.0] * len(got), alpha, lora_rank(states[i]), fed, sents=[previous[j] for j in group])
-        mixed.append(weighted_mean(kept, [1.0] * len(kept)))
-    return mixed, [[len(blobs[i])] * len(top.neighbors[i]) for i in range(top.n)]
+        group = sorted([i, *top.neighbors[i]])
+        got = {j: states[j] if j == i else received[j] for j in group}
+        if rule == "none":
+            jobs.append(MixJob(i, got, {j: float(top.W[i, j]) for j in group if top.W[i, j] != 0.0}))
+        else:
+            jobs.append(MixJob(i, got, previous={j: previous[j] for j in group}, rule=rule, order=[i, *top.neighbors[i]]))
+    return jobs, [[len(blobs[i])] * len(top.neighbors[i]) for i in range(top.n)]
+
+
+def plain_gossip(states: list[AdapterState], top: Topology) -> tuple[list[AdapterState], list[list[int]]]:
+    """Exact mixing of every node (W's rows); returns the new states and the message sizes sent per node."""
+    jobs, sent = mix_jobs(states, states, top, "none")
+    return [mix_node(j) for j in jobs], sent
 
 
 def choco_gossip(
@@ -164,6 +191,8 @@ class DecLoRA(Algorithm):
         self.client_steps = [0] * n  # each client's own batch counter
         if cfg.federation.robust != "none":
             self._check_neighbourhoods(self.schedule.at(1))  # before training; time-varying graphs again each round
+        # where the nodes' gossip steps run: deployed, on the nodes; simulated, here on their behalf
+        self.run_mixes = ctx.run_mixes or (lambda jobs: [mix_node(j, cfg.federation, cfg.model.lora.alpha) for j in jobs])
 
     def _fresh_edges(self, rnd: int, top: Topology) -> frozenset[tuple[int, int]]:
         if not self.cfg.gossip.time_varying or rnd == 1:
@@ -193,12 +222,11 @@ class DecLoRA(Algorithm):
             gens = [rounding_generator(cfg.seed, rnd, i) for i in range(n)]
             self.states, self.public, sent = choco_gossip(
                 trained, self.public, top, self.compressor, cfg.gossip.gamma, gens, self._fresh_edges(rnd, top))
-        elif cfg.federation.robust != "none":
-            self._check_neighbourhoods(top)
-            self.states, sent = robust_gossip(trained, self.states, top, ROBUST[cfg.federation.robust], cfg.federation,
-                                              cfg.model.lora.alpha)
-        else:
-            self.states, sent = plain_gossip(trained, top)
+        else:  # each node mixes its own state with its neighbours' (robust gossip: not doubly stochastic,
+            if cfg.federation.robust != "none":  # the network average moves: the price of refusing a pull)
+                self._check_neighbourhoods(top)
+            jobs, sent = mix_jobs(trained, self.states, top, cfg.federation.robust)
+            self.states = self.run_mixes(jobs)
         total = sum(sum(m) for m in sent)  # each message: sent once, received once
         sim = declora_round_time([r.flops for r in results], sent, [self.device(i) for i in range(n)])
         extra = {"consensus_distance": consensus_distance(self.states), "spectral_gap": top.gap,

@@ -26,7 +26,7 @@ from .pki import check_server_credentials, owner_public_keys
 
 STARTUP_S = 60.0
 FLOWER_NAME = "colora"
-DEPLOYS = ("fedavg", "splitlora", "sl")  # the SuperLink connection's name in the generated Flower configuration
+DEPLOYS = ("fedavg", "splitlora", "sl", "declora")  # the SuperLink connection's name in the generated Flower configuration
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -101,8 +101,14 @@ def run_server(config: str | None, overrides: list[str], out: str | None, resume
     overrides = [*overrides, f"data.path={Path(data).resolve()}"]
     cfg = load_config(config, overrides)  # a bad config answers before anything starts
     if cfg.algorithm not in DEPLOYS:
-        raise ColoraError(f"algorithm={cfg.algorithm} does not deploy{' yet' if cfg.algorithm == 'declora' else ''}: deployment "
-                          f"runs {', '.join(DEPLOYS)}; {cfg.algorithm} runs in simulation (colora run)")
+        raise ColoraError(f"algorithm={cfg.algorithm} does not deploy: deployment runs {', '.join(DEPLOYS)}; central pools "
+                          "every owner's data in one place, the opposite of deployment (colora run simulates it)")
+    if cfg.algorithm == "declora" and (cfg.gossip.quantize_bits or cfg.gossip.topk):
+        raise ColoraError("compressed gossip (gossip.quantize_bits / gossip.topk, CHOCO) does not deploy yet: each node would keep "
+                          "its neighbours' public copies; deploy declora with plain or robust gossip")
+    if cfg.clients.byzantine.fraction > 0:
+        raise ColoraError("clients.byzantine simulates attacking clients on the server's side; a deployed run's owners are real: "
+                          "set clients.byzantine.fraction=0 (federation.robust still defends against real ones)")
     if len(keys) != cfg.clients.num:
         raise ColoraError(f"--owner-keys: {len(keys)} keys for clients.num={cfg.clients.num}; register one key per client")
     if cfg.engine.fuse > 1:

@@ -24,14 +24,16 @@ import numpy as np
 
 from ..adapters import RankedAdapters, attach_lora
 from ..algorithms import get_algorithm
+from ..algorithms.declora import mix_node
 from ..config import ColoraError, Config
 from ..data.party import party_info
 from ..engines.engine import check_max_length
 from ..engines.runtime import ClientRuntime, load_data
-from ..messages import MessageError, decode, header
+from ..messages import MessageError, decode, encode, header
 from ..models import load_base_model, load_tokenizer, resolve_device
+from ..rundir import peak_rss_mb
 from .pki import check_client_credentials, load_owner_key, sign_join
-from .remote import config_fingerprint, joined_message, refusal, unwrap_blob, wrap
+from .remote import config_fingerprint, decode_mix, joined_message, refusal, unwrap_blob, wrap
 from .wire import recv_frame, send_frame
 
 # Flower's SuperNode exits with this code when the SuperLink refuses or cannot be reached.
@@ -90,6 +92,12 @@ class Owner:
                     return refusal(f"this owner holds client {self.client}'s data, not client {task.get('client_id')}'s")
                 self.runtime.adapters.ensure(task.get("rank") or self.cfg.model.lora.r)
                 return self.runtime.run_task(blob)
+            if kind == "mix":  # Dec-LoRA: this node mixes its state with its neighbours' (relayed by the server)
+                job = decode_mix(blob)
+                if job.node != self.client:
+                    return refusal(f"this owner is node {self.client}, not node {job.node}")
+                mixed = mix_node(job, self.cfg.federation, self.cfg.model.lora.alpha)
+                return encode("mixed", {"node": self.client}, {"state/": mixed})
             if kind in ("split_job", "split_reply") and self.runtime.split is not None:
                 return self._split(kind, blob)
             if kind == "bye":
@@ -219,5 +227,5 @@ def run_owner(cfg: Config, server: str, ca: Path, key: Path, client: int | None 
         shutil.rmtree(folder, ignore_errors=True)
     if owner.stop_reason is not None:
         raise ColoraError(owner.stop_reason)
-    log(f"colora: the server ended the run; client {owner.client}'s owner stops")
+    log(f"colora: the server ended the run; client {owner.client}'s owner stops (peak memory {peak_rss_mb():.0f} MB)")
     return 0

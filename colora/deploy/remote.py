@@ -24,9 +24,10 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
+from ..algorithms.declora import MixJob
 from ..config import ColoraError, Config
 from ..messages import MessageError, decode, decode_result, encode, encode_task, header
-from ..types import ClientResult, ClientTask
+from ..types import AdapterState, ClientResult, ClientTask
 from .pki import verify_join
 
 # Settings that may differ between parties: where each party's data lies, how its own machine
@@ -81,6 +82,23 @@ def wrap(kind: str, blob: bytes, **scalars) -> bytes:
 
 def unwrap_blob(groups: dict) -> bytes:
     return groups["blob/"]["bytes"].numpy().tobytes()
+
+
+def encode_mix(job: MixJob) -> bytes:
+    """A Dec-LoRA node's gossip step as the server relays it: the node's own state and its
+    neighbours' (as the node would decode them), with W's weights or the robust rule."""
+    tensors = {f"s{j}/": st for j, st in job.states.items()}
+    tensors |= {f"p{j}/": st for j, st in (job.previous or {}).items()}
+    return encode("mix", {"node": job.node, "weights": {str(j): w for j, w in job.weights.items()}, "rule": job.rule,
+                          "neighbourhood": job.order, "has_previous": job.previous is not None}, tensors)
+
+
+def decode_mix(blob: bytes) -> MixJob:
+    scalars, groups = decode(blob, "mix")
+    states = {int(p[1:-1]): st for p, st in groups.items() if p.startswith("s")}
+    previous = {int(p[1:-1]): st for p, st in groups.items() if p.startswith("p")} if scalars["has_previous"] else None
+    return MixJob(int(scalars["node"]), states, {int(j): float(w) for j, w in scalars["weights"].items()}, previous,
+                  scalars["rule"], [int(j) for j in scalars["neighbourhood"]])
 
 
 def refusal(reason: str) -> bytes:
@@ -196,6 +214,36 @@ class RemoteClients:
         if result.client_id != task.client_id:
             return None, f"its answer is client {result.client_id}'s result"
         return result, None
+
+    def run_mixes(self, jobs: list[MixJob]) -> list[AdapterState]:
+        """Dec-LoRA's gossip: each node gets its neighbours' states relayed and mixes its own (the
+        server never mixes). A node that does not answer keeps its state unmixed this round."""
+        cfg = self.cfg
+        answers = self.transport.exchange([(j.node, encode_mix(j)) for j in jobs], cfg.federation.round_timeout_s)
+        out = []
+        for job in jobs:
+            blob, why = answers.get(job.node), None
+            if blob is None:
+                why = f"no answer within federation.round_timeout_s={cfg.federation.round_timeout_s:g} s"
+            elif refusal_reason(blob) is not None:
+                why = f"its owner refused: {refusal_reason(blob)}"
+            if why is None:
+                try:
+                    scalars, groups = decode(blob, "mixed")
+                    state = groups["state/"]
+                    if sorted(state) != sorted(job.states[job.node]):
+                        raise MessageError("its keys are not the node's adapter keys")
+                    if scalars["node"] != job.node:
+                        raise MessageError(f"node {scalars['node']}'s state")
+                except (MessageError, KeyError) as exc:
+                    why = f"its answer is not a mixed state ({exc})"
+            if why is not None:
+                self.log(f"colora: node {job.node} did not mix this round ({why}); it keeps its trained state")
+                if job.node not in self.dropouts:
+                    self.dropouts.append(job.node)
+                state = job.states[job.node]
+            out.append(state)
+        return out
 
     def round_report(self) -> dict:
         """metrics.jsonl entries of the round just run: dropouts, the bytes the transport carried

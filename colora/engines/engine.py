@@ -94,7 +94,8 @@ class Engine:
                           self.slots.num_params(), self.evaluate, client_ranks=self.ranks,
                           initial_state_at=self.adapters.initial_state, split=self.split, devices=self.devices,
                           num_labels=self.task.num_labels if self.task.kind == "seq-cls" else None,
-                          evaluate_client=self.evaluate_client if cfg.eval.client_holdout > 0 else None)
+                          evaluate_client=self.evaluate_client if cfg.eval.client_holdout > 0 else None,
+                          run_mixes=remote.run_mixes if remote is not None else None)
             self.algorithm = algo_cls(ctx)
         except BaseException:
             self.close()
@@ -106,10 +107,11 @@ class Engine:
         self.executor.start()
 
     def summary(self) -> dict:
-        """summary.json's ``engine`` section: where the clients ran, and how many workers were
-        restarted (each restart reran its work; the results do not change)."""
+        """summary.json's ``engine`` section: where the clients ran (``deployed``: on the data owners'
+        machines), and how many workers were restarted (each restart reran its work; the results do not change)."""
         e = self.cfg.engine
-        return {"kind": e.kind, "workers": e.workers if e.kind != "inprocess" else 1, "device": str(self.device),
+        kind = "deployed" if self.remote is not None else e.kind
+        return {"kind": kind, "workers": e.workers if kind in ("workers", "ray") else 1, "device": str(self.device),
                 "worker_restarts": self.executor.restarts}
 
     def round_report(self) -> dict:
