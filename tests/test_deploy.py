@@ -207,6 +207,14 @@ def test_a_killed_server_resumes_and_its_owners_reconnect(federation, tmp_path):
             assert a[key] == pytest.approx(b[key], abs=1e-6) if a[key] is not None else b[key] is None, key
 
 
+def test_an_owner_whose_server_does_not_answer_says_so(federation):
+    fed = federation(clients=1, clients__num=1, clients__per_round=1, rounds=1)
+    owner = fed.owner(0, None, "--join-timeout", "3")  # nothing listens on fed.port
+    assert finish(owner, 120) == 2
+    line = log_of(owner).strip().splitlines()[-1]
+    assert line.startswith("colora: error: ") and f"127.0.0.1:{fed.port}" in line and "did not answer" in line
+
+
 def test_an_owner_on_another_config_stops_both_sides_with_one_line(federation):
     fed = federation(clients=1, clients__num=1, clients__per_round=1, rounds=1)
     server = fed.server()

@@ -20,7 +20,7 @@ from colora.deploy.pki import make_credentials, owner_public_keys
 from colora.deploy.remote import RemoteClients, config_fingerprint, join_message, refusal_reason, unwrap_blob
 from colora.engines import Engine
 from colora.experiment import run_experiment
-from colora.messages import decode, encode, header
+from colora.messages import decode, decode_result, encode, header
 
 from .conftest import read_rows, tiny_config
 
@@ -127,6 +127,8 @@ def test_deployed_rounds_equal_the_simulation_exactly(case, tmp_path, pki):
             assert a[key] == pytest.approx(b[key], abs=1e-6) if a[key] is not None else b[key] is None, key
     info = json.loads((dep / "partition.json").read_text())
     assert info["sizes"] == remote.sizes and "histogram" not in info  # the owners' label counts stay with them
+    results = [decode_result(b) for b in transport.received if header(b)["kind"] == "result"]
+    assert all(r.moments is None for r in results)  # kept optimizer moments stay with their owners
     if cfg.algorithm == "declora":  # every node mixed itself: one mixed state from each node a round
         mixed = [decode(b, "mixed")[0]["node"] for b in transport.received if header(b)["kind"] == "mixed"]
         assert sorted(mixed) == sorted(list(range(3)) * cfg.rounds)
@@ -247,3 +249,11 @@ def test_bad_deployment_input_is_one_line_and_exit_2(deployment, tmp_path, capsy
     assert "clients [0, 2, 3] given" in _one_error_line(capsys)
     assert main(["deploy", "split-data", str(path), str(data)]) == 2
     assert "not empty" in _one_error_line(capsys)
+
+
+def test_message_scalars_cannot_shadow_the_format():
+    # a scalar named like the format's own fields would silently replace them (a mix job's
+    # neighbourhood order once did: the message then failed to decode on the other side)
+    for name in ("kind", "groups", "order"):
+        with pytest.raises(ValueError, match="reserves"):
+            encode("mix", {name: [1, 2]}, {})

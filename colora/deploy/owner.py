@@ -29,9 +29,10 @@ from ..config import ColoraError, Config
 from ..data.party import party_info
 from ..engines.engine import check_max_length
 from ..engines.runtime import ClientRuntime, load_data
-from ..messages import MessageError, decode, encode, header
+from ..messages import MessageError, decode, decode_task, encode, encode_result, header
 from ..models import load_base_model, load_tokenizer, resolve_device
 from ..rundir import peak_rss_mb
+from ..types import AdapterState, ClientTask
 from .pki import check_client_credentials, load_owner_key, sign_join
 from .remote import config_fingerprint, decode_mix, joined_message, refusal, unwrap_blob, wrap
 from .wire import recv_frame, send_frame
@@ -70,6 +71,7 @@ class Owner:
         split = get_algorithm(cfg.algorithm).runner == "split"
         self.runtime = ClientRuntime(cfg, model, RankedAdapters(model, cfg.seed), data, parts, [cfg.model.lora.r], split)
         self.lock = threading.Lock()
+        self.moments: dict[int, AdapterState] = {}  # kept optimizer moments, by the client step they end at
 
     def handle(self, blob: bytes) -> bytes:
         """One message from the server in, the answer out (a refusal for anything unexpected)."""
@@ -91,7 +93,7 @@ class Owner:
                 if task.get("client_id") != self.client:
                     return refusal(f"this owner holds client {self.client}'s data, not client {task.get('client_id')}'s")
                 self.runtime.adapters.ensure(task.get("rank") or self.cfg.model.lora.r)
-                return self.runtime.run_task(blob)
+                return self._train(decode_task(blob))
             if kind == "mix":  # Dec-LoRA: this node mixes its state with its neighbours' (relayed by the server)
                 job = decode_mix(blob)
                 if job.node != self.client:
@@ -104,6 +106,20 @@ class Owner:
                 self.stop(None)
                 return joined_message(self.client, self.samples, self.fingerprint)
             return refusal(f"a {kind!r} message is not one a data owner answers")
+
+    def _train(self, task: ClientTask) -> bytes:
+        """A training task. Kept optimizer moments (train.client_optimizer: keep) stay on this machine:
+        the simulation carries them in tasks and results (a stateless worker may run any client), but
+        a deployed owner keeps its own, so they never cross the network. They are kept by the step
+        count they belong to, so a round the server reruns after a restart starts from the same ones."""
+        if task.keep_optimizer and task.moments is None:
+            task.moments = self.moments.get(task.start_step)
+        result = self.runtime.trainer.run(task)
+        if result.moments is not None:
+            self.moments = {k: v for k, v in self.moments.items() if k >= task.start_step}  # this round's start, and its end
+            self.moments[task.start_step + result.steps] = result.moments
+            result.moments = None
+        return encode_result(result)
 
     def _split(self, kind: str, blob: bytes) -> bytes:
         """One turn of a split conversation: a job starts the client part (its uplink goes back), a
