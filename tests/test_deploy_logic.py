@@ -148,6 +148,7 @@ def test_a_client_that_does_not_answer_is_a_dropout_and_too_few_answers_stop_the
     rows = read_rows(run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote))
     assert rows[1]["dropouts"] == [] and rows[1]["clients"] == 3
     assert rows[2]["dropouts"] == [1] and rows[2]["clients"] == 2 and rows[2]["rejected_updates"] == 1
+    assert [r.get("dropouts_total") for r in rows] == [None, 0, 1]
     strict = server_cfg.model_copy(update={"federation": server_cfg.federation.model_copy(update={"min_clients": 3})})
     remote = RemoteClients(strict, DirectTransport(_owners(cfg, folders), drop={2: {1}}))
     remote.join_nodes([0, 1, 2])

@@ -129,6 +129,7 @@ class RemoteClients:
         self.cfg, self.transport, self.log, self.owner_keys = cfg, transport, log, owner_keys
         self.sizes: list[int] = []
         self.dropouts: list[int] = []  # clients that did not answer in the current round
+        self.dropouts_total = 0  # over the run so far (rounds without an eval row write no row of their own)
         self._since, self._round_began = (0, 0), time.perf_counter()
 
     @property
@@ -250,8 +251,9 @@ class RemoteClients:
         (Flower's serialized messages, beside ``bytes_up``/``bytes_down``: the payloads) and its wall time."""
         up, down = self.transport.wire_bytes()
         now = time.perf_counter()
-        report = {"dropouts": list(self.dropouts), "wire_bytes_up": up - self._since[0], "wire_bytes_down": down - self._since[1],
-                  "round_wall_s": now - self._round_began}
+        self.dropouts_total += len(self.dropouts)
+        report = {"dropouts": list(self.dropouts), "dropouts_total": self.dropouts_total, "wire_bytes_up": up - self._since[0],
+                  "wire_bytes_down": down - self._since[1], "round_wall_s": now - self._round_began}
         self._since, self._round_began = (up, down), now
         return report
 
