@@ -5,8 +5,10 @@ server's join and its dropouts. The transport here hands bytes straight to each 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 import yaml
 
 from colora.cli import main
@@ -17,7 +19,7 @@ from colora.data.party import load_party
 from colora.deploy.owner import Owner
 from colora.deploy.partition import split_data
 from colora.deploy.pki import make_credentials, owner_public_keys
-from colora.deploy.remote import RemoteClients, config_fingerprint, join_message, refusal_reason, unwrap_blob
+from colora.deploy.remote import RemoteClients, config_fingerprint, join_message, refusal_reason, unwrap_blob, wrap
 from colora.engines import Engine
 from colora.experiment import run_experiment
 from colora.messages import decode, decode_result, encode, header
@@ -258,3 +260,29 @@ def test_message_scalars_cannot_shadow_the_format():
     for name in ("kind", "groups", "order"):
         with pytest.raises(ValueError, match="reserves"):
             encode("mix", {name: [1, 2]}, {})
+
+
+def test_a_malformed_split_update_is_dropped_not_aggregated(tmp_path, pki):
+    cfg = tiny_config(**{**SMALL, "algorithm": "splitlora", "split__layer": 1, "train__local_steps": 1})
+    split_data(cfg, tmp_path / "data")
+    data = tmp_path / "data"
+    owners = _owners(cfg, [data / f"client_{k}" for k in range(3)], pki=pki)
+    honest = owners[1].handle
+
+    def poisoned(blob):  # client 1 ends every split step with NaN in its adapter
+        answer = honest(blob)
+        if header(answer)["kind"] == "split_client" and header(answer)["done"]:
+            scalars, groups = decode(unwrap_blob(decode(answer, "split_client")[1]), "split_result")
+            state = {k: torch.full_like(v, float("nan")) for k, v in groups["state/"].items()}
+            answer = wrap("split_client", encode("split_result", scalars, {"state/": state, "moments/": groups.get("moments/")}), done=True)
+        return answer
+
+    owners[1].handle = poisoned
+    server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
+    logged = []
+    remote = RemoteClients(server_cfg, DirectTransport(owners), _registered(pki), log=logged.append)
+    remote.join_nodes([0, 1, 2])
+    rows = read_rows(run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote))
+    assert [r["dropouts"] for r in rows[1:]] == [[1], [1]]
+    assert all(math.isfinite(r["eval/loss"]) for r in rows)  # the NaN never reached the aggregate
+    assert any("client 1's split update dropped" in line and "NaN" in line for line in logged)

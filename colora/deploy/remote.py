@@ -28,6 +28,7 @@ from ..algorithms.declora import MixJob
 from ..config import ColoraError, Config
 from ..messages import MessageError, decode, decode_result, encode, encode_task, header
 from ..types import AdapterState, ClientResult, ClientTask
+from ..validation import malformed
 from .pki import verify_join
 
 # Settings that may differ between parties: where each party's data lies, how its own machine
@@ -186,15 +187,16 @@ class RemoteClients:
         cfg = self.cfg
         began = time.perf_counter()
         answers = self.transport.exchange([(t.client_id, encode_task(t)) for t in tasks], cfg.federation.round_timeout_s)
-        out, self.dropouts = [], []
+        out, gone = [], []
         for t in tasks:
             result, why = self._result(t, answers.get(t.client_id))
             if why is not None:
-                self.dropouts.append(t.client_id)
+                gone.append(t.client_id)
                 self.log(f"colora: client {t.client_id} dropped out of this round: {why}")
                 result = ClientResult(t.client_id, {}, self.sizes[t.client_id], float("nan"), 0.0, 0, failed=f"dropped out: {why}")
             out.append(result)
-        answered = len(tasks) - len(self.dropouts)
+        self.dropouts += [k for k in gone if k not in self.dropouts]
+        answered = len(tasks) - len(gone)
         need = cfg.federation.min_clients or 1
         if answered < need:
             raise ColoraError(f"only {answered} of {len(tasks)} clients answered within federation.round_timeout_s="
@@ -252,8 +254,9 @@ class RemoteClients:
         up, down = self.transport.wire_bytes()
         now = time.perf_counter()
         self.dropouts_total += len(self.dropouts)
-        report = {"dropouts": list(self.dropouts), "dropouts_total": self.dropouts_total, "wire_bytes_up": up - self._since[0],
+        report = {"dropouts": sorted(self.dropouts), "dropouts_total": self.dropouts_total, "wire_bytes_up": up - self._since[0],
                   "wire_bytes_down": down - self._since[1], "round_wall_s": now - self._round_began}
+        self.dropouts = []
         self._since, self._round_began = (up, down), now
         return report
 
@@ -268,9 +271,32 @@ class RemoteClients:
             client = int(header(job)["client_id"])
             done, message = self._ask(client, job)
             while not done:
-                done, message = self._ask(client, wrap("split_reply", serve(i, message)[1]))
-            out.append(message)
+                try:
+                    reply = serve(i, message)[1]
+                except (ValueError, KeyError, RuntimeError) as exc:  # the server part could not use what came up
+                    raise ColoraError(f"client {client}'s split message could not be used ({type(exc).__name__}: {exc}); "
+                                      "its owner sends what this config's server part cannot read: check that it runs "
+                                      "the server's colora version and config") from None
+                done, message = self._ask(client, wrap("split_reply", reply))
+            out.append(self._checked_result(client, job, message))
         return out
+
+    def _checked_result(self, client: int, job: bytes, blob: bytes) -> bytes:
+        """A split step's result as the trainer may use it: its client state checked against the state
+        the job sent (colora.validation.malformed); a malformed one is replaced by the sent state
+        (the client's part keeps no update from this step) and logged."""
+        _, sent = decode(job, "split_job")
+        try:
+            scalars, groups = decode(blob, "split_result")
+            why = malformed(groups.get("state/") or {}, sent["state/"])
+        except (MessageError, KeyError) as exc:
+            raise ColoraError(f"client {client}'s owner ended a split step with something else than its result ({exc})") from None
+        if why is None:
+            return blob
+        self.log(f"colora: client {client}'s split update dropped: {why}")
+        if client not in self.dropouts:
+            self.dropouts.append(client)
+        return encode("split_result", scalars, {"state/": sent["state/"], "moments/": groups.get("moments/")})
 
     def _ask(self, client: int, blob: bytes) -> tuple[bool, bytes]:
         answer = self.transport.exchange([(client, blob)], self.cfg.federation.round_timeout_s).get(client)
