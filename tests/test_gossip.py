@@ -105,8 +105,7 @@ def test_choco_gossip_reaches_the_exact_average_without_an_error_floor(bits, top
     public = [{k: torch.zeros_like(v) for k, v in states[0].items()}] * top.n
     full = payload_nbytes(states[0])
     for r in range(1, rounds + 1):
-        states, public, sent = choco_gossip(states, public, top, comp, gamma,
-                                            [rounding_generator(0, r, i) for i in range(top.n)])
+        states, public, sent = choco_gossip(states, public, top, comp, gamma, 0, r)
         avg = network_average(states)
         assert max(float((avg[k] - avg0[k]).abs().max()) for k in avg) < 1e-12  # the average never moves
         assert all(len(m) == 2 and m[0] < full for m in sent)  # two neighbours, compressed messages
@@ -140,8 +139,7 @@ def test_choco_resends_full_copies_on_new_edges_only():
     states = [_state(s) for s in range(4)]
     top = make_topology(build_graph("ring", 4), "metropolis", "ring")
     comp = Compressor(bits=4)
-    gens = [rounding_generator(0, 1, i) for i in range(4)]
-    _, public, sent = choco_gossip(states, [states[0]] * 4, top, comp, 1.0, gens, fresh_edges=frozenset({(0, 1)}))
+    _, public, sent = choco_gossip(states, [states[0]] * 4, top, comp, 1.0, 0, 1, fresh_edges=frozenset({(0, 1)}))
     full = payload_nbytes(public[0])
     assert sent[0][0] == full and sent[1][0] == full  # 0 <-> 1 resync in full precision
     assert sent[0][1] < full / 4 and sent[2] == [sent[2][0]] * 2 and sent[2][0] < full / 4

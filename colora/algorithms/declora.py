@@ -125,49 +125,87 @@ def plain_gossip(states: list[AdapterState], top: Topology) -> tuple[list[Adapte
     return [mix_node(j) for j in jobs], sent
 
 
+@dataclass
+class ChocoJob:
+    """Node ``node``'s part of a CHOCO-gossip step, as the node runs it.
+
+    ``encode``: from its trained ``state`` and its public copy ``public[node]``, the message
+    q_i = Q(theta_i - theta_hat_i) (its rounding noise drawn from (seed, ``round``, node)).
+    ``mix``: with the messages ``blobs`` of itself and its neighbours and the public copies it holds
+    (``public``: its own and its neighbours', before this round's q), every copy moves by its q and
+    theta_i <- theta_i + gamma sum_j W_ij (theta_hat_j - theta_hat_i) over ``weights`` (neighbour
+    order as the topology lists it)."""
+
+    node: int
+    phase: str
+    state: AdapterState
+    public: dict[int, AdapterState]
+    round: int = 0
+    blobs: dict[int, bytes] = field(default_factory=dict)
+    weights: list[tuple[int, float]] = field(default_factory=list)
+    gamma: float = 0.0
+
+
+def choco_node(job: ChocoJob, compressor: Compressor, seed: int) -> bytes | AdapterState:
+    """One node's CHOCO phase (:class:`ChocoJob`): its message's bytes, or its new state."""
+    if job.phase == "encode":
+        own = job.public[job.node]
+        diff = {k: job.state[k] - own[k] for k in job.state}
+        return pack(compressor.encode(diff, rounding_generator(seed, job.round, job.node)))
+    fresh = {j: advance(pub, compressor, job.blobs[j]) for j, pub in job.public.items()}
+    me = fresh[job.node]
+    return {k: job.state[k] + job.gamma * sum(w * (fresh[j][k] - me[k]) for j, w in job.weights) for k in job.state}
+
+
+def advance(public: AdapterState, compressor: Compressor, blob: bytes) -> AdapterState:
+    """A public copy after its owner's message: theta_hat += q (keys and shapes are protocol metadata)."""
+    q = compressor.decode(unpack(blob), public)
+    return {k: public[k] + q[k] for k in public}
+
+
+def choco_sizes(blobs: list[bytes], new_public: list[AdapterState], top: Topology,
+                fresh_edges: frozenset[tuple[int, int]]) -> list[list[int]]:
+    """Per node, the sizes of the messages it sent: its q to each neighbour, or, over an edge new this
+    round (time-varying graphs, whose ends hold stale copies of each other), its full public copy."""
+    sizes = []
+    for i in range(top.n):
+        sizes.append([payload_nbytes(new_public[i]) if (min(i, j), max(i, j)) in fresh_edges else len(blobs[i])
+                      for j in top.neighbors[i]])
+    return sizes
+
+
 def choco_gossip(
     states: list[AdapterState],
     public: list[AdapterState],
     top: Topology,
     compressor: Compressor,
     gamma: float,
-    gens: list[torch.Generator],
+    seed: int,
+    rnd: int,
     fresh_edges: frozenset[tuple[int, int]] = frozenset(),
+    run=None,
 ) -> tuple[list[AdapterState], list[AdapterState], list[list[int]]]:
     """One CHOCO-gossip step; returns (states, public copies, message sizes sent per node).
 
-    ``fresh_edges`` are edges whose ends did not neighbour each other in the previous round (time-
-    varying graphs): their copies of each other's theta_hat are stale, so each end sends its new
-    public copy in full precision over that edge instead of the compressed difference.
-
-    Every neighbour of j applies the same q_j, so all copies of theta_hat_j are equal; the
-    simulation stores one per node (a deployment stores deg_i + 1 of them at node i).
+    ``run`` runs the nodes' :class:`ChocoJob` s (deployed: on the nodes; default: here, on their
+    behalf). The relay keeps every public copy (one per node: every neighbour of j applies the same
+    q_j, so all copies of theta_hat_j are equal) and hands each node the copies it holds.
     """
+    run = run or (lambda jobs: [choco_node(j, compressor, seed) for j in jobs])
     n = top.n
-    new_public, compressed = [], []
-    for i in range(n):
-        diff = {k: states[i][k] - public[i][k] for k in states[i]}
-        blob = pack(compressor.encode(diff, gens[i]))  # node i's message q_i, as its neighbours receive it
-        q = compressor.decode(unpack(blob), diff)  # keys and shapes are protocol metadata both ends hold
-        new_public.append({k: public[i][k] + q[k] for k in public[i]})
-        compressed.append(len(blob))
-    new_states = []
-    for i in range(n):
-        # sum over neighbours only: the j = i term of sum_j W_ij (theta_hat_j - theta_hat_i) is zero
-        new_states.append({k: states[i][k] + gamma * sum(float(top.W[i, j]) * (new_public[j][k] - new_public[i][k])
-                                                         for j in top.neighbors[i]) for k in states[i]})
-    sizes = []
-    for i in range(n):
-        full = None
-        msgs = []
-        for j in top.neighbors[i]:
-            if (min(i, j), max(i, j)) in fresh_edges:
-                full = payload_nbytes(new_public[i]) if full is None else full
-                msgs.append(full)
-            else:
-                msgs.append(compressed[i])
-        sizes.append(msgs)
-    return new_states, new_public, sizes
+    blobs = run([ChocoJob(i, "encode", states[i], {i: public[i]}, rnd) for i in range(n)])
+    new_public = [advance(public[i], compressor, blobs[i]) for i in range(n)]
+    new_states = run([ChocoJob(i, "mix", states[i], {j: public[j] for j in [i, *top.neighbors[i]]}, rnd,
+                               {j: blobs[j] for j in [i, *top.neighbors[i]]},
+                               [(j, float(top.W[i, j])) for j in top.neighbors[i]], gamma) for i in range(n)])
+    return new_states, new_public, choco_sizes(blobs, new_public, top, fresh_edges)
+
+
+def node_step(job, cfg) -> bytes | AdapterState:
+    """What a Dec-LoRA node computes for a gossip job of either kind (deployed: on the node)."""
+    if isinstance(job, ChocoJob):
+        return choco_node(job, from_gossip(cfg.gossip.quantize_bits, cfg.gossip.topk), cfg.seed)
+    return mix_node(job, cfg.federation, cfg.model.lora.alpha)
 
 
 class DecLoRA(Algorithm):
@@ -192,7 +230,7 @@ class DecLoRA(Algorithm):
         if cfg.federation.robust != "none":
             self._check_neighbourhoods(self.schedule.at(1))  # before training; time-varying graphs again each round
         # where the nodes' gossip steps run: deployed, on the nodes; simulated, here on their behalf
-        self.run_mixes = ctx.run_mixes or (lambda jobs: [mix_node(j, cfg.federation, cfg.model.lora.alpha) for j in jobs])
+        self.run_mixes = ctx.run_mixes or (lambda jobs: [node_step(j, cfg) for j in jobs])
 
     def _fresh_edges(self, rnd: int, top: Topology) -> frozenset[tuple[int, int]]:
         if not self.cfg.gossip.time_varying or rnd == 1:
@@ -219,9 +257,9 @@ class DecLoRA(Algorithm):
         for r in accepted:
             trained[r.client_id] = r.state
         if self.compressor.active:
-            gens = [rounding_generator(cfg.seed, rnd, i) for i in range(n)]
             self.states, self.public, sent = choco_gossip(
-                trained, self.public, top, self.compressor, cfg.gossip.gamma, gens, self._fresh_edges(rnd, top))
+                trained, self.public, top, self.compressor, cfg.gossip.gamma, cfg.seed, rnd, self._fresh_edges(rnd, top),
+                self.run_mixes)
         else:  # each node mixes its own state with its neighbours' (robust gossip: not doubly stochastic,
             if cfg.federation.robust != "none":  # the network average moves: the price of refusing a pull)
                 self._check_neighbourhoods(top)

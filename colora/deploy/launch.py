@@ -103,9 +103,6 @@ def run_server(config: str | None, overrides: list[str], out: str | None, resume
     if cfg.algorithm not in DEPLOYS:
         raise ColoraError(f"algorithm={cfg.algorithm} does not deploy: deployment runs {', '.join(DEPLOYS)}; central pools "
                           "every owner's data in one place, the opposite of deployment (colora run simulates it)")
-    if cfg.algorithm == "declora" and (cfg.gossip.quantize_bits or cfg.gossip.topk):
-        raise ColoraError("compressed gossip (gossip.quantize_bits / gossip.topk, CHOCO) does not deploy yet: each node would keep "
-                          "its neighbours' public copies; deploy declora with plain or robust gossip")
     if cfg.clients.byzantine.fraction > 0:
         raise ColoraError("clients.byzantine simulates attacking clients on the server's side; a deployed run's owners are real: "
                           "set clients.byzantine.fraction=0 (federation.robust still defends against real ones)")

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..adapters import RankedAdapters, attach_lora
 from ..algorithms import get_algorithm
-from ..algorithms.declora import mix_node
+from ..algorithms.declora import node_step
 from ..config import ColoraError, Config
 from ..data.party import party_info
 from ..engines.engine import check_max_length
@@ -34,7 +34,7 @@ from ..models import load_base_model, load_tokenizer, resolve_device
 from ..rundir import peak_rss_mb
 from ..types import AdapterState, ClientTask
 from .pki import check_client_credentials, load_owner_key, sign_join
-from .remote import config_fingerprint, decode_mix, joined_message, refusal, unwrap_blob, wrap
+from .remote import config_fingerprint, decode_choco, decode_mix, joined_message, refusal, unwrap_blob, wrap
 from .wire import recv_frame, send_frame
 
 # Flower's SuperNode exits with this code when the SuperLink refuses or cannot be reached.
@@ -94,12 +94,14 @@ class Owner:
                     return refusal(f"this owner holds client {self.client}'s data, not client {task.get('client_id')}'s")
                 self.runtime.adapters.ensure(task.get("rank") or self.cfg.model.lora.r)
                 return self._train(decode_task(blob))
-            if kind == "mix":  # Dec-LoRA: this node mixes its state with its neighbours' (relayed by the server)
-                job = decode_mix(blob)
+            if kind in ("mix", "choco"):  # Dec-LoRA: this node's gossip step, on what the server relayed
+                job = decode_mix(blob) if kind == "mix" else decode_choco(blob)
                 if job.node != self.client:
                     return refusal(f"this owner is node {self.client}, not node {job.node}")
-                mixed = mix_node(job, self.cfg.federation, self.cfg.model.lora.alpha)
-                return encode("mixed", {"node": self.client}, {"state/": mixed})
+                out = node_step(job, self.cfg)
+                if isinstance(out, bytes):  # CHOCO's message q_i, relayed to its neighbours
+                    return wrap("choco_q", out, node=self.client)
+                return encode("mixed", {"node": self.client}, {"state/": out})
             if kind in ("split_job", "split_reply") and self.runtime.split is not None:
                 return self._split(kind, blob)
             if kind == "bye":

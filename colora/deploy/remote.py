@@ -24,10 +24,10 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from ..algorithms.declora import MixJob
+from ..algorithms.declora import ChocoJob, MixJob
 from ..config import ColoraError, Config
 from ..messages import MessageError, decode, decode_result, encode, encode_task, header
-from ..types import AdapterState, ClientResult, ClientTask
+from ..types import ClientResult, ClientTask
 from ..validation import malformed
 from .pki import verify_join
 
@@ -92,6 +92,23 @@ def encode_mix(job: MixJob) -> bytes:
     tensors |= {f"p{j}/": st for j, st in (job.previous or {}).items()}
     return encode("mix", {"node": job.node, "weights": {str(j): w for j, w in job.weights.items()}, "rule": job.rule,
                           "neighbourhood": job.order, "has_previous": job.previous is not None}, tensors)
+
+
+def encode_choco(job: ChocoJob) -> bytes:
+    """A Dec-LoRA node's CHOCO phase as the server relays it (its state, the public copies it holds,
+    and in the mix phase the messages of itself and its neighbours)."""
+    tensors = {"state/": job.state, **{f"pub{j}/": p for j, p in job.public.items()}}
+    tensors |= {f"q{j}/": {"bytes": torch.frombuffer(bytearray(b), dtype=torch.uint8)} for j, b in job.blobs.items()}
+    return encode("choco", {"node": job.node, "phase": job.phase, "round": job.round, "gamma": job.gamma,
+                            "weights": [[j, w] for j, w in job.weights]}, tensors)
+
+
+def decode_choco(blob: bytes) -> ChocoJob:
+    scalars, groups = decode(blob, "choco")
+    public = {int(p[3:-1]): st for p, st in groups.items() if p.startswith("pub")}
+    blobs = {int(p[1:-1]): unwrap_blob({"blob/": g}) for p, g in groups.items() if p.startswith("q")}
+    return ChocoJob(int(scalars["node"]), scalars["phase"], groups["state/"], public, int(scalars["round"]), blobs,
+                    [(int(j), float(w)) for j, w in scalars["weights"]], float(scalars["gamma"]))
 
 
 def decode_mix(blob: bytes) -> MixJob:
@@ -218,10 +235,14 @@ class RemoteClients:
             return None, f"its answer is client {result.client_id}'s result"
         return result, None
 
-    def run_mixes(self, jobs: list[MixJob]) -> list[AdapterState]:
+    def run_mixes(self, jobs: list) -> list:
         """Dec-LoRA's gossip: each node gets its neighbours' states relayed and mixes its own (the
-        server never mixes). A node that does not answer keeps its state unmixed this round."""
+        server never mixes). A node that does not answer keeps its state unmixed this round.
+        Compressed gossip (:class:`ChocoJob`) runs in two phases whose messages every neighbour
+        needs, so there a node that does not answer stops the round (exit 2, --resume)."""
         cfg = self.cfg
+        if jobs and isinstance(jobs[0], ChocoJob):
+            return self._run_choco(jobs)
         answers = self.transport.exchange([(j.node, encode_mix(j)) for j in jobs], cfg.federation.round_timeout_s)
         out = []
         for job in jobs:
@@ -246,6 +267,28 @@ class RemoteClients:
                     self.dropouts.append(job.node)
                 state = job.states[job.node]
             out.append(state)
+        return out
+
+    def _run_choco(self, jobs: list[ChocoJob]) -> list:
+        answers = self.transport.exchange([(j.node, encode_choco(j)) for j in jobs], self.cfg.federation.round_timeout_s)
+        out = []
+        for job in jobs:
+            blob = answers.get(job.node)
+            why = "no answer within federation.round_timeout_s" if blob is None else refusal_reason(blob)
+            if why is None:
+                try:
+                    if job.phase == "encode":
+                        out.append(unwrap_blob(decode(blob, "choco_q")[1]))
+                        continue
+                    state = decode(blob, "mixed")[1]["state/"]
+                    if sorted(state) == sorted(job.state):
+                        out.append(state)
+                        continue
+                    why = "its mixed state has other keys than its adapter"
+                except (MessageError, KeyError) as exc:
+                    why = f"its answer is not a CHOCO {job.phase} result ({exc})"
+            raise ColoraError(f"node {job.node} did not answer its compressed-gossip {job.phase} step ({why}); its neighbours "
+                              "need its message: restart its owner and resume with colora deploy server --resume")
         return out
 
     def round_report(self) -> dict:
