@@ -139,6 +139,9 @@ def test_deployed_rounds_equal_the_simulation_exactly(case, tmp_path, pki):
     assert info["sizes"] == remote.sizes and "histogram" not in info  # the owners' label counts stay with them
     results = [decode_result(b) for b in transport.received if header(b)["kind"] == "result"]
     assert all(r.moments is None for r in results)  # kept optimizer moments stay with their owners
+    split_results = [decode(unwrap_blob(decode(b, "split_client")[1]), "split_result")[1] for b in transport.received
+                     if header(b)["kind"] == "split_client" and header(b)["done"]]
+    assert all(set(g["moments/"]) == {"#held"} for g in split_results)  # a split client part's too: a handle travels
     if cfg.algorithm == "declora":  # every node mixed itself: one mixed state from each node a round
         mixed = [decode(b, "mixed")[0]["node"] for b in transport.received if header(b)["kind"] == "mixed"]
         assert sorted(mixed) == sorted(list(range(3)) * cfg.rounds)

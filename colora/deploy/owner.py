@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..adapters import RankedAdapters, attach_lora
 from ..algorithms import get_algorithm
@@ -40,6 +41,7 @@ from .wire import recv_frame, send_frame
 # Flower's SuperNode exits with this code when the SuperLink refuses or cannot be reached.
 FLOWER_CONNECT_FAILED = 305
 GOODBYE_S = 3.0
+HELD = "#held"  # a split result's moments stand-in: the client step they end at (the owner keeps them)
 # A node the SuperLink still counts online (an owner restarted within Flower's heartbeat patience, 2 x 30 s)
 # is refused until it lapses: the owner retries every RETRY_S for up to its join timeout.
 RETRY_S = 10.0
@@ -72,6 +74,8 @@ class Owner:
         self.runtime = ClientRuntime(cfg, model, RankedAdapters(model, cfg.seed), data, parts, [cfg.model.lora.r], split)
         self.lock = threading.Lock()
         self.moments: dict[int, AdapterState] = {}  # kept optimizer moments, by the client step they end at
+        self.split_moments: dict[int, AdapterState] = {}  # the split client part's, likewise
+        self._step = 0
 
     def handle(self, blob: bytes) -> bytes:
         """One message from the server in, the answer out (a refusal for anything unexpected)."""
@@ -125,15 +129,31 @@ class Owner:
 
     def _split(self, kind: str, blob: bytes) -> bytes:
         """One turn of a split conversation: a job starts the client part (its uplink goes back), a
-        server reply continues it (the next uplink, or the step's result when done)."""
+        server reply continues it (the next uplink, or the step's result when done).
+
+        The client part's optimizer moments stay here: a result carries a handle in their place (the
+        step they end at) and the server hands the handle back in the client's next job, exactly
+        where the simulation hands back the moments; the owner then loads its own."""
         client = self.runtime.split
         try:
             if kind == "split_job":
-                if header(blob).get("client_id") != self.client:
-                    return refusal(f"this owner holds client {self.client}'s data, not client {header(blob).get('client_id')}'s")
+                scalars, groups = decode(blob, "split_job")
+                if scalars["client_id"] != self.client:
+                    return refusal(f"this owner holds client {self.client}'s data, not client {scalars['client_id']}'s")
+                held = groups.get("moments/")
+                if held is not None and set(held) == {HELD}:
+                    groups["moments/"] = self.split_moments.get(int(held[HELD]))
+                    blob = encode("split_job", scalars, groups)
+                self._step = int(scalars["step"])
                 return wrap("split_client", client.start(blob), done=False)
             _, groups = decode(blob, "split_reply")
             done, message = client.reply(unwrap_blob(groups))
+            if done:
+                scalars, result = decode(message, "split_result")
+                end = self._step + 1
+                self.split_moments = {k: v for k, v in self.split_moments.items() if k >= self._step}
+                self.split_moments[end] = result["moments/"]
+                message = encode("split_result", scalars, {"state/": result["state/"], "moments/": {HELD: torch.tensor(end)}})
             return wrap("split_client", message, done=done)
         except (ValueError, KeyError, RuntimeError) as exc:  # a message that does not fit the conversation
             client.abort()
