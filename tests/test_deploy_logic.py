@@ -31,7 +31,7 @@ class DirectTransport:
     """Bytes to the owners' ``handle`` in this process; ``drop``: {round: clients that do not answer}."""
 
     def __init__(self, owners: list[Owner], drop: dict[int, set[int]] | None = None):
-        self.owners, self.drop, self.node_of, self.calls, self.received = owners, drop or {}, {}, 0, []
+        self.owners, self.drop, self.node_of, self.calls, self.received, self.sent = owners, drop or {}, {}, 0, [], []
 
     def broadcast(self, nodes, blob, timeout):
         return {n: self.owners[n].handle(blob) for n in nodes}
@@ -44,6 +44,7 @@ class DirectTransport:
         gone = self.drop.get(self.calls, set())
         answers = {c: self.owners[self.node_of[c]].handle(b) for c, b in messages if c not in gone}
         self.received += answers.values()
+        self.sent += [b for _, b in messages]
         return answers
 
     def wire_bytes(self):
@@ -148,6 +149,9 @@ def test_deployed_rounds_equal_the_simulation_exactly(case, tmp_path, pki):
         if cfg.gossip.quantize_bits:  # and compressed its own message q_i
             sent = [header(b)["node"] for b in transport.received if header(b)["kind"] == "choco_q"]
             assert sorted(sent) == sorted(list(range(3)) * cfg.rounds)
+            copies = {r: sum(g.startswith("pub") for b in transport.sent if header(b)["kind"] == "choco" and header(b)["round"] == r
+                             for g in header(b)["groups"]) for r in (1, 2)}
+            assert copies[1] > 0 and copies[2] == 0  # the nodes kept their neighbourhood's public copies
     if cfg.split.u_shaped:  # labels never leave a U-shaped client: not in anything the server received
         uplinks = [unpack(unwrap_blob(decode(b, "split_client")[1])) for b in transport.received
                    if header(b)["kind"] == "split_client" and not header(b)["done"]]
@@ -298,3 +302,25 @@ def test_a_malformed_split_update_is_dropped_not_aggregated(tmp_path, pki):
     assert [r["dropouts"] for r in rows[1:]] == [[1], [1]]
     assert all(math.isfinite(r["eval/loss"]) for r in rows)  # the NaN never reached the aggregate
     assert any("client 1's split update dropped" in line and "NaN" in line for line in logged)
+
+
+def test_a_choco_node_that_lost_its_copies_gets_them_again(tmp_path, pki):
+    cfg = tiny_config(**{**SMALL, **CASES["declora-choco-time_varying"], "rounds": 3})
+    split_data(cfg, tmp_path / "data")
+    data = tmp_path / "data"
+    sim = read_rows(run_experiment(cfg, out=str(tmp_path / "sim")))
+    owners = _owners(cfg, [data / f"client_{k}" for k in range(3)], pki=pki)
+    handle, forgot = owners[1].handle, []
+
+    def restarted(blob):  # owner 1 comes back in round 2 without the copies it kept
+        if header(blob)["kind"] == "choco" and header(blob)["round"] == 2 and not forgot:
+            owners[1].copies.clear()
+            forgot.append(True)
+        return handle(blob)
+
+    owners[1].handle = restarted
+    server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
+    remote = RemoteClients(server_cfg, DirectTransport(owners), _registered(pki))
+    remote.join_nodes([0, 1, 2])
+    rows = read_rows(run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote))
+    assert forgot and [r["eval/loss"] for r in rows] == pytest.approx([r["eval/loss"] for r in sim], abs=1e-6)

@@ -25,7 +25,8 @@ import torch
 
 from ..adapters import RankedAdapters, attach_lora
 from ..algorithms import get_algorithm
-from ..algorithms.declora import node_step
+from ..algorithms.declora import advance, node_step
+from ..codecs import from_gossip
 from ..config import ColoraError, Config
 from ..data.party import party_info
 from ..engines.engine import check_max_length
@@ -35,7 +36,7 @@ from ..models import load_base_model, load_tokenizer, resolve_device
 from ..rundir import peak_rss_mb
 from ..types import AdapterState, ClientTask
 from .pki import check_client_credentials, load_owner_key, sign_join
-from .remote import config_fingerprint, decode_choco, decode_mix, joined_message, refusal, unwrap_blob, wrap
+from .remote import MISSING_COPY, config_fingerprint, decode_choco, decode_mix, joined_message, refusal, unwrap_blob, wrap
 from .wire import recv_frame, send_frame
 
 # Flower's SuperNode exits with this code when the SuperLink refuses or cannot be reached.
@@ -75,6 +76,7 @@ class Owner:
         self.lock = threading.Lock()
         self.moments: dict[int, AdapterState] = {}  # kept optimizer moments, by the client step they end at
         self.split_moments: dict[int, AdapterState] = {}  # the split client part's, likewise
+        self.copies: dict[int, tuple[int, AdapterState]] = {}  # CHOCO: node -> (round, the public copy held)
         self._step = 0
 
     def handle(self, blob: bytes) -> bytes:
@@ -102,9 +104,14 @@ class Owner:
                 job = decode_mix(blob) if kind == "mix" else decode_choco(blob)
                 if job.node != self.client:
                     return refusal(f"this owner is node {self.client}, not node {job.node}")
+                if kind == "choco" and not self._fill_copies(job):
+                    return refusal(f"{MISSING_COPY}: node {self.client} does not hold its neighbourhood's copies of round {job.round - 1}")
                 out = node_step(job, self.cfg)
                 if isinstance(out, bytes):  # CHOCO's message q_i, relayed to its neighbours
                     return wrap("choco_q", out, node=self.client)
+                if kind == "choco":  # every copy moved by its q: keep them for the next round
+                    comp = from_gossip(self.cfg.gossip.quantize_bits, self.cfg.gossip.topk)
+                    self.copies = {j: (job.round, advance(job.public[j], comp, b)) for j, b in job.blobs.items()}
                 return encode("mixed", {"node": self.client}, {"state/": out})
             if kind in ("split_job", "split_reply") and self.runtime.split is not None:
                 return self._split(kind, blob)
@@ -112,6 +119,18 @@ class Owner:
                 self.stop(None)
                 return joined_message(self.client, self.samples, self.fingerprint)
             return refusal(f"a {kind!r} message is not one a data owner answers")
+
+    def _fill_copies(self, job) -> bool:
+        """Complete a CHOCO job with the public copies this node kept from the last round (the
+        server sends only the ones it lacks); False when one it needs is not the round's."""
+        need = job.blobs if job.phase == "mix" else [job.node]
+        for j in need:
+            if j not in job.public:
+                version, copy = self.copies.get(j, (None, None))
+                if version != job.round - 1:
+                    return False
+                job.public[j] = copy
+        return True
 
     def _train(self, task: ClientTask) -> bytes:
         """A training task. Kept optimizer moments (train.client_optimizer: keep) stay on this machine:

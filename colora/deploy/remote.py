@@ -19,6 +19,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -94,6 +95,9 @@ def encode_mix(job: MixJob) -> bytes:
                           "neighbourhood": job.order, "has_previous": job.previous is not None}, tensors)
 
 
+MISSING_COPY = "missing public copy"  # an owner's refusal when the CHOCO copy a job relies on is not the one it holds
+
+
 def encode_choco(job: ChocoJob) -> bytes:
     """A Dec-LoRA node's CHOCO phase as the server relays it (its state, the public copies it holds,
     and in the mix phase the messages of itself and its neighbours)."""
@@ -148,6 +152,7 @@ class RemoteClients:
         self.sizes: list[int] = []
         self.dropouts: list[int] = []  # clients that did not answer in the current round
         self.dropouts_total = 0  # over the run so far (rounds without an eval row write no row of their own)
+        self.copies_held: dict[int, dict[int, int]] = {}  # CHOCO: node -> {node j: round of the public copy it holds}
         self._since, self._round_began = (0, 0), time.perf_counter()
 
     @property
@@ -270,7 +275,17 @@ class RemoteClients:
         return out
 
     def _run_choco(self, jobs: list[ChocoJob]) -> list:
-        answers = self.transport.exchange([(j.node, encode_choco(j)) for j in jobs], self.cfg.federation.round_timeout_s)
+        """The CHOCO phases on the nodes. A node keeps the public copies of its neighbourhood between
+        rounds, so only copies it lacks at the round's version travel (all of them the first time, a
+        new neighbour's on a time-varying graph, everything again after a restart): the wire then
+        carries what the protocol counts."""
+        timeout = self.cfg.federation.round_timeout_s
+        lean = [replace(j, public={i: p for i, p in j.public.items() if self.copies_held.get(j.node, {}).get(i) != j.round - 1})
+                for j in jobs]
+        answers = self.transport.exchange([(j.node, encode_choco(j)) for j in lean], timeout)
+        lost = [j for j in jobs if answers.get(j.node) is not None and (refusal_reason(answers[j.node]) or "").startswith(MISSING_COPY)]
+        if lost:  # an owner that restarted lost its copies: send them all
+            answers |= self.transport.exchange([(j.node, encode_choco(j)) for j in lost], timeout)
         out = []
         for job in jobs:
             blob = answers.get(job.node)
@@ -283,10 +298,12 @@ class RemoteClients:
                     state = decode(blob, "mixed")[1]["state/"]
                     if sorted(state) == sorted(job.state):
                         out.append(state)
+                        self.copies_held[job.node] = {i: job.round for i in job.blobs}
                         continue
                     why = "its mixed state has other keys than its adapter"
                 except (MessageError, KeyError) as exc:
                     why = f"its answer is not a CHOCO {job.phase} result ({exc})"
+            self.copies_held.pop(job.node, None)
             raise ColoraError(f"node {job.node} did not answer its compressed-gossip {job.phase} step ({why}); its neighbours "
                               "need its message: restart its owner and resume with colora deploy server --resume")
         return out
