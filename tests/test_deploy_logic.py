@@ -22,7 +22,7 @@ from colora.deploy.pki import make_credentials, owner_public_keys
 from colora.deploy.remote import RemoteClients, config_fingerprint, join_message, refusal_reason, unwrap_blob, wrap
 from colora.engines import Engine
 from colora.experiment import run_experiment
-from colora.messages import decode, decode_result, encode, header
+from colora.messages import decode, decode_result, encode, encode_result, header
 
 from .conftest import read_rows, tiny_config
 
@@ -324,3 +324,26 @@ def test_a_choco_node_that_lost_its_copies_gets_them_again(tmp_path, pki):
     remote.join_nodes([0, 1, 2])
     rows = read_rows(run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote))
     assert forgot and [r["eval/loss"] for r in rows] == pytest.approx([r["eval/loss"] for r in sim], abs=1e-6)
+
+
+def test_a_result_that_claims_more_rows_than_its_owner_joined_with_is_dropped(deployment, tmp_path, pki):
+    cfg, data = deployment
+    owners = _owners(cfg, [data / f"client_{k}" for k in range(3)], pki=pki)
+    honest = owners[2].handle
+
+    def inflated(blob):  # client 2 claims 100x its rows to weigh more in the average
+        answer = honest(blob)
+        if header(answer)["kind"] == "result":
+            result = decode_result(answer)
+            result.num_samples *= 100
+            answer = encode_result(result)
+        return answer
+
+    owners[2].handle = inflated
+    server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
+    logged = []
+    remote = RemoteClients(server_cfg, DirectTransport(owners), _registered(pki), log=logged.append)
+    remote.join_nodes([0, 1, 2])
+    rows = read_rows(run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote))
+    assert [r["dropouts"] for r in rows[1:]] == [[2], [2]] and all(r["clients"] == 2 for r in rows[1:])
+    assert any("claims" in line and "rows" in line for line in logged)

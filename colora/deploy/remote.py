@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -238,6 +239,13 @@ class RemoteClients:
             return None, f"its answer is not a result ({exc})"
         if result.client_id != task.client_id:
             return None, f"its answer is client {result.client_id}'s result"
+        # what weights the aggregate and advances the client's batch counter must be what was agreed
+        if result.num_samples != self.sizes[task.client_id]:
+            return None, f"its result claims {result.num_samples} rows, {self.sizes[task.client_id]} when it joined"
+        if not result.failed and result.steps != task.steps:
+            return None, f"its result took {result.steps} steps, the task asked for {task.steps}"
+        if not (isinstance(result.flops, float | int) and math.isfinite(result.flops) and result.flops >= 0):
+            return None, f"its result reports {result.flops!r} FLOPs"
         return result, None
 
     def run_mixes(self, jobs: list) -> list:
