@@ -141,31 +141,28 @@ def test_fedavg_deployed_equals_the_simulation_and_strangers_are_refused(federat
         assert (fed.root / "run" / name).exists()
 
 
-def test_splitlora_u_shaped_deployed_equals_the_simulation(federation, tmp_path):
-    fed = federation(algorithm="splitlora", rounds=2, split__layer=2, split__u_shaped=True, split__server="per_client",
-                     train__local_steps=1, federation__round_timeout_s=120)
+def _deployed_equals_simulated(fed: Federation, sim_dir: Path, keys: tuple[str, ...]) -> None:
+    """Run ``fed``'s config deployed (server and owners to the end) and simulated; every row's ``keys`` agree."""
     server = fed.server()
     wait_for(server, "waiting for them to join")
     owners = fed.owners()
     assert finish(server) == 0, log_of(server)[-3000:]
     assert all(finish(o) == 0 for o in owners)
-    sim = read_rows(run_experiment(fed.cfg, out=str(tmp_path / "sim")))
+    sim = read_rows(run_experiment(fed.cfg, out=str(sim_dir)))
     for a, b in zip(sim, read_rows(fed.root / "run"), strict=True):
-        for key in ("eval/loss", "train_loss", "bytes_up", "bytes_down", "sim_time_s"):
-            assert a[key] == pytest.approx(b[key], abs=1e-6) if a[key] is not None else b[key] is None, key
+        for key in keys:
+            assert a.get(key) == pytest.approx(b.get(key), abs=1e-6) if a.get(key) is not None else b.get(key) is None, key
+
+
+def test_splitlora_u_shaped_deployed_equals_the_simulation(federation, tmp_path):
+    fed = federation(algorithm="splitlora", rounds=2, split__layer=2, split__u_shaped=True, split__server="per_client",
+                     train__local_steps=1, federation__round_timeout_s=120)
+    _deployed_equals_simulated(fed, tmp_path / "sim", ("eval/loss", "train_loss", "bytes_up", "bytes_down", "sim_time_s"))
 
 
 def test_declora_deployed_equals_the_simulation_and_nodes_mix_themselves(federation, tmp_path):
     fed = federation(algorithm="declora", rounds=2, gossip__topology="ring", federation__round_timeout_s=120)
-    server = fed.server()
-    wait_for(server, "waiting for them to join")
-    owners = fed.owners()
-    assert finish(server) == 0, log_of(server)[-3000:]
-    assert all(finish(o) == 0 for o in owners)
-    sim = read_rows(run_experiment(fed.cfg, out=str(tmp_path / "sim")))
-    for a, b in zip(sim, read_rows(fed.root / "run"), strict=True):
-        for key in ("eval/loss", "train_loss", "bytes_up", "bytes_down", "consensus_distance"):
-            assert a.get(key) == pytest.approx(b.get(key), abs=1e-6) if a.get(key) is not None else b.get(key) is None, key
+    _deployed_equals_simulated(fed, tmp_path / "sim", ("eval/loss", "train_loss", "bytes_up", "bytes_down", "consensus_distance"))
 
 
 def test_a_killed_owner_is_a_dropout_and_rejoins_after_a_restart(federation):

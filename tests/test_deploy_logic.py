@@ -73,6 +73,19 @@ def _registered(pki, n=3):
     return owner_public_keys([pki / f"client_{k}.pub" for k in range(n)])
 
 
+def _server_cfg(cfg, data):
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
+
+
+def _deploy(cfg, data, owners, pki, out, log=None) -> list[dict]:
+    """``cfg`` run by a server on ``data/server`` with ``owners`` (joined with their keys); its rows."""
+    server_cfg = _server_cfg(cfg, data)
+    remote = RemoteClients(server_cfg, owners if isinstance(owners, DirectTransport) else DirectTransport(owners),
+                           _registered(pki), **({"log": log} if log else {}))
+    remote.join_nodes(list(range(len(remote.transport.owners))))
+    return read_rows(run_experiment(server_cfg, out=str(out), remote=remote))
+
+
 @pytest.fixture
 def deployment(tmp_path):
     cfg = tiny_config(rounds=2, clients__partition="dirichlet", clients__alpha=0.5)
@@ -124,7 +137,7 @@ def test_deployed_rounds_equal_the_simulation_exactly(case, tmp_path, pki):
     split_data(cfg, tmp_path / "data")
     data = tmp_path / "data"
     sim = run_experiment(cfg, out=str(tmp_path / "sim"))
-    server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
+    server_cfg = _server_cfg(cfg, data)
     # owners join in another order than their client ids: the join binds each id to its owner
     transport = DirectTransport(_owners(cfg, [data / f"client_{k}" for k in range(3)], [2, 0, 1], pki))
     remote = RemoteClients(server_cfg, transport, _registered(pki))
@@ -162,7 +175,7 @@ def test_deployed_rounds_equal_the_simulation_exactly(case, tmp_path, pki):
 def test_a_client_that_does_not_answer_is_a_dropout_and_too_few_answers_stop_the_run(deployment, tmp_path):
     cfg, data = deployment
     folders = [data / f"client_{k}" for k in range(3)]
-    server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
+    server_cfg = _server_cfg(cfg, data)
     remote = RemoteClients(server_cfg, DirectTransport(_owners(cfg, folders), drop={2: {1}}))  # round 2: client 1 silent
     remote.join_nodes([0, 1, 2])
     rows = read_rows(run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote))
@@ -294,11 +307,8 @@ def test_a_malformed_split_update_is_dropped_not_aggregated(tmp_path, pki):
         return answer
 
     owners[1].handle = poisoned
-    server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
     logged = []
-    remote = RemoteClients(server_cfg, DirectTransport(owners), _registered(pki), log=logged.append)
-    remote.join_nodes([0, 1, 2])
-    rows = read_rows(run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote))
+    rows = _deploy(cfg, data, owners, pki, tmp_path / "dep", logged.append)
     assert [r["dropouts"] for r in rows[1:]] == [[1], [1]]
     assert all(math.isfinite(r["eval/loss"]) for r in rows)  # the NaN never reached the aggregate
     assert any("client 1's split update dropped" in line and "NaN" in line for line in logged)
@@ -319,10 +329,7 @@ def test_a_choco_node_that_lost_its_copies_gets_them_again(tmp_path, pki):
         return handle(blob)
 
     owners[1].handle = restarted
-    server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
-    remote = RemoteClients(server_cfg, DirectTransport(owners), _registered(pki))
-    remote.join_nodes([0, 1, 2])
-    rows = read_rows(run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote))
+    rows = _deploy(cfg, data, owners, pki, tmp_path / "dep")
     assert forgot and [r["eval/loss"] for r in rows] == pytest.approx([r["eval/loss"] for r in sim], abs=1e-6)
 
 
@@ -340,10 +347,7 @@ def test_a_result_that_claims_more_rows_than_its_owner_joined_with_is_dropped(de
         return answer
 
     owners[2].handle = inflated
-    server_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data / "server")})})
     logged = []
-    remote = RemoteClients(server_cfg, DirectTransport(owners), _registered(pki), log=logged.append)
-    remote.join_nodes([0, 1, 2])
-    rows = read_rows(run_experiment(server_cfg, out=str(tmp_path / "dep"), remote=remote))
+    rows = _deploy(cfg, data, owners, pki, tmp_path / "dep", logged.append)
     assert [r["dropouts"] for r in rows[1:]] == [[2], [2]] and all(r["clients"] == 2 for r in rows[1:])
     assert any("claims" in line and "rows" in line for line in logged)
