@@ -351,3 +351,16 @@ def test_a_result_that_claims_more_rows_than_its_owner_joined_with_is_dropped(de
     rows = _deploy(cfg, data, owners, pki, tmp_path / "dep", logged.append)
     assert [r["dropouts"] for r in rows[1:]] == [[2], [2]] and all(r["clients"] == 2 for r in rows[1:])
     assert any("claims" in line and "rows" in line for line in logged)
+
+
+def test_a_server_listening_everywhere_is_reached_over_loopback_and_its_certificate_names_it(tmp_path):
+    from cryptography import x509
+
+    from colora.deploy.launch import local_address
+
+    assert local_address("0.0.0.0") == local_address("::") == "127.0.0.1" and local_address("10.1.2.3") == "10.1.2.3"
+    make_credentials(tmp_path, 1, ["server.example.org", "203.0.113.7"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = {str(v) for v in sans.get_values_for_type(x509.DNSName)} | {str(v) for v in sans.get_values_for_type(x509.IPAddress)}
+    assert names == {"server.example.org", "203.0.113.7", "127.0.0.1", "localhost"}

@@ -38,7 +38,8 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
 
 
 def make_credentials(out: Path, clients: int, hosts: list[str]) -> list[Path]:
-    """Write the deployment's CA, server certificate (SANs: ``hosts``) and ``clients`` owner key pairs."""
+    """Write the deployment's CA, server certificate (SANs: ``hosts``, 127.0.0.1 and localhost) and
+    ``clients`` owner key pairs."""
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     pem, none = serialization.Encoding.PEM, serialization.NoEncryption()
@@ -48,6 +49,7 @@ def make_credentials(out: Path, clients: int, hosts: list[str]) -> list[Path]:
           .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA384()))
     sans = []
+    hosts = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))  # the server's own tools connect over loopback
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
