@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from colora.config import build_config
+from colora.deploy.owner import free_port
 from colora.deploy.partition import split_data
 from colora.deploy.pki import make_credentials
 from colora.experiment import run_experiment
@@ -26,12 +26,6 @@ from .conftest import read_rows, tiny_raw
 WAIT_S = 300.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Federation:
     """A config, its credentials (one spare owner key, never registered) and the owners' folders,
     and every process started on them (each in its own session, killed with its children)."""
@@ -39,7 +33,7 @@ class Federation:
     def __init__(self, root: Path, clients: int = 3, **over):
         raw, over = tiny_raw(**over)
         self.cfg = build_config(raw, {k.replace("__", "."): v for k, v in over.items()})
-        self.root, self.clients, self.port, self.procs = root, clients, _free_port(), []
+        self.root, self.clients, self.port, self.procs = root, clients, free_port(), []
         root.mkdir(parents=True)
         self.config = root / "exp.yaml"
         self.config.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json", exclude_none=True)))

@@ -13,28 +13,18 @@ when it returns. Flower's state and logs stay in ``RUN_DIR.server`` beside the r
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from ..config import ColoraError, load_config
-from .owner import flower_command
+from .owner import flower_command, flower_env
 from .pki import check_server_credentials, owner_public_keys
 
 STARTUP_S = 60.0
 FLOWER_NAME = "colora"
 DEPLOYS = ("fedavg", "splitlora", "sl", "declora")  # the SuperLink connection's name in the generated Flower configuration
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    """The environment of Flower's processes: this Python's scripts first, a private Flower home."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["FLWR_HOME"] = str(home)
-    return env
 
 
 def _toml_str(value: str) -> str:

@@ -223,6 +223,11 @@ def flower_command(name: str) -> str:
     return found
 
 
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment of Flower's processes: this Python's scripts first, a private Flower home."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home)}
+
+
 def _start_node(command: list[str], env: dict, connected: threading.Event) -> tuple[subprocess.Popen, list[str]]:
     """Start a Flower SuperNode; its output lines collect in the returned list, ``connected`` set
     once the SuperLink has accepted it."""
@@ -250,8 +255,7 @@ def run_owner(cfg: Config, server: str, ca: Path, key: Path, client: int | None 
     folder = tempfile.mkdtemp(prefix="colora-owner-")  # 0700: only this user reaches the socket
     path = os.path.join(folder, "socket")
     listener = serve(owner, path)
-    env = {**os.environ, "FLWR_HOME": os.path.join(folder, "flower"),  # the run's Flower app lands here, not in ~/.flwr
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = flower_env(Path(folder) / "flower")  # the run's Flower app lands here, not in ~/.flwr
     command = [flower_command("flower-supernode"), "--root-certificates", str(ca), "--superlink", server,
                "--auth-supernode-private-key", str(key), "--node-config", f'colora-socket="{path}"', "--max-wait-time", str(join_timeout)]
     log(f"colora: data owner of client {owner.client} ({owner.samples} rows) joining {server}")

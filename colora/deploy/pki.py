@@ -101,7 +101,7 @@ def check_server_credentials(ca: Path, cert: Path, key: Path) -> None:
 def check_client_credentials(ca: Path, key: Path) -> None:
     """An owner's CA certificate parses and its private key is an OpenSSH EC key."""
     _load_certificate(ca, "CA certificate")
-    check_client_credentials_key(key)
+    load_owner_key(key)
 
 
 def check_public_key(path: Path) -> None:
@@ -119,12 +119,8 @@ def _join_payload(nonce: str, fingerprint: str, client: int) -> bytes:
 
 
 def load_owner_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """An owner's private key (OpenSSH format, as colora deploy keys writes it)."""
-    check_client_credentials_key(path)
-    return serialization.load_ssh_private_key(Path(path).read_bytes(), password=None)
-
-
-def check_client_credentials_key(path: Path) -> None:
+    """An owner's private key (OpenSSH format, as colora deploy keys writes it); a one-line error
+    when it is missing or not an elliptic-curve key."""
     try:
         key = serialization.load_ssh_private_key(Path(path).read_bytes(), password=None)
     except FileNotFoundError:
@@ -133,6 +129,7 @@ def check_client_credentials_key(path: Path) -> None:
         raise ColoraError(f"owner key {path}: not an OpenSSH private key ({exc}); use the client_K file of colora deploy keys") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ColoraError(f"owner key {path}: not an elliptic-curve key (Flower's node authentication needs one, e.g. P-384)")
+    return key
 
 
 def sign_join(key: ec.EllipticCurvePrivateKey, nonce: str, fingerprint: str, client: int) -> str:
