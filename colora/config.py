@@ -283,7 +283,9 @@ class FederationConfig(_Strict):
     rank r (equal ranks); ``zero_pad`` (HetLoRA): pad factors to the largest rank and average; ``svd``
     (FlexLoRA): SVD of the mean update, each client's top components; ``stack`` (FLoRA, fedavg only): exact
     stacked update merged into the base, fresh adapters each round; ``hlora``: svd with ranks by data size;
-    ``lora_fair`` (LoRA-FAIR): fedit plus a server residual on B so that B·A matches the mean update (equal ranks)."""
+    ``lora_fair`` (LoRA-FAIR): fedit plus a server residual on B so that B·A matches the mean update (equal ranks);
+    ``hafl`` (HAFL, fedavg only): components ranked by the clients' importance scores, the most important
+    to each client (``hafl_mode``), each rank-1 component averaged over the clients that hold it."""
     max_update_norm: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None
     """Drop a client update whose L2 distance from what the client was sent (over A, B and the head)
     exceeds this, for that round (fedavg, declora; ``rejected_updates`` in metrics.jsonl); ``auto``:
@@ -306,6 +308,10 @@ class FederationConfig(_Strict):
     metrics.jsonl's ``dropouts``; the simulation never drops a client."""
     round_timeout_s: float = Field(600.0, gt=0)
     """Deployment only: seconds the server waits for a round's answers (and for data owners to join)."""
+    hafl_mode: Literal["truncate", "freeze"] = "truncate"
+    """``aggregator: hafl``: ``truncate``: a client of rank r receives and trains the global's r most important
+    components; ``freeze``: every client holds the global at its full rank and trains only its r most
+    important components (r from ``ranks`` / ``rank_rule``), the rest frozen; it sends back only those."""
     lora_fair_lambda: float = Field(0.01, ge=0)
     """``aggregator: lora_fair``: ridge weight of the server's residual ΔB; large values give plain fedit."""
     robust: Literal["none", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip"] = "none"
@@ -336,7 +342,7 @@ class FederationConfig(_Strict):
     """Client weights in aggregation: ``samples`` by local data size (FedAvg); ``uniform`` equal."""
     ranks: list[int] | None = None
     """One LoRA rank per client (``clients.num`` entries, each > 0), overriding ``rank_rule``; null = use
-    ``rank_rule``. Mixed ranks need zero_pad, svd, stack or hlora (fedit, product and sl refuse them)."""
+    ``rank_rule``. Mixed ranks need zero_pad, svd, stack, hlora or hafl (fedit, product and sl refuse them)."""
     rank_rule: Literal["uniform", "data_size", "resource"] = "uniform"
     """``uniform``: every client at ``model.lora.r``; ``data_size`` (HLoRA): data-size quantile groups get
     increasing ranks from ``rank_set``; ``resource``: ranks from each client's FLOP/s tier, capped so the
@@ -362,6 +368,8 @@ class FederationConfig(_Strict):
         for key, value in hetlora.items():
             if value not in (False, None) and self.aggregator != "zero_pad":
                 raise ValueError(f"federation.{key}={value} applies to federation.aggregator=zero_pad only (got {self.aggregator})")
+        if self.hafl_mode != "truncate" and self.aggregator != "hafl":
+            raise ValueError(f"federation.hafl_mode={self.hafl_mode} applies to federation.aggregator=hafl only (got {self.aggregator})")
         if self.aggregator == "hlora" and (self.ranks is not None or self.rank_rule == "resource"):
             raise ValueError("federation.aggregator=hlora assigns ranks by data size (HLoRA); "
                              "use aggregator=svd with federation.ranks or rank_rule=resource")
@@ -724,6 +732,21 @@ class Config(_Strict):
         if fed.aggregator != "fedit" or (fed.ranks and len(set(fed.ranks)) > 1) or fed.rank_rule != "uniform":
             raise ValueError(f"{what[0]} keeps factors in one shared coordinate system: it needs equal ranks and "
                              f"federation.aggregator=fedit (got {fed.aggregator}); use fedit and one rank")
+        return self
+
+    @model_validator(mode="after")
+    def _hafl_ranks_components_of_fedavg(self) -> "Config":
+        if self.federation.aggregator != "hafl":
+            return self
+        if self.algorithm != "fedavg":
+            raise ValueError(f"federation.aggregator=hafl ranks components by scores its fedavg clients measure "
+                             f"(algorithm is {self.algorithm}); use zero_pad or svd")
+        if self.train.client_optimizer == "keep":
+            raise ValueError("federation.aggregator=hafl re-orders the global's components every round, so kept optimizer "
+                             "moments would belong to other components; set train.client_optimizer=reset")
+        if self.privacy.mode == "client" or self.federation.robust != "none":
+            raise ValueError("federation.aggregator=hafl pairs each client's components with its scores; privacy.mode=client "
+                             "and federation.robust change or drop states apart from them: use zero_pad or svd with those")
         return self
 
     @model_validator(mode="after")

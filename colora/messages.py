@@ -26,7 +26,7 @@ from .types import AdapterState, ClientResult, ClientTask
 
 _TASK_TENSORS = {"state": "state/", "prox_anchor": "anchor/", "base_delta": "delta/", "moments": "moments/",
                  "correction": "correction/"}
-_RESULT_TENSORS = {"state": "state/", "moments": "moments/"}
+_RESULT_TENSORS = {"state": "state/", "moments": "moments/", "scores": "scores/"}
 
 
 class MessageError(ValueError):

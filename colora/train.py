@@ -22,6 +22,7 @@ from .data import Task, TextDataset
 from .fused import FusedStep, common_width, concat_batches, fused_layers, fused_step, lora_scaling, rng_snapshot
 from .messages import load_moments, moments_of
 from .privacy import per_sample_gradients, private_gradient, sgd_noise_generator
+from .states import lora_pairs
 from .types import AdapterState, ClientResult, ClientTask
 
 _PAD_MULTIPLE = 8  # pad batches to a multiple of 8 tokens: fewer distinct shapes to FLOP-count
@@ -157,6 +158,58 @@ def clip_and_step(cfg: TrainConfig, params: dict[str, torch.Tensor], opt: torch.
     opt.zero_grad(set_to_none=True)
 
 
+class Components:
+    """HAFL's per-component bookkeeping over one client's local steps (colora/aggregation/hafl.py).
+
+    Scores: AdaLoRA's smoothed sensitivity. Per parameter I = |θ · ∂L/∂θ| after every backward,
+    Ī ← β Ī + (1 - β) I and Ū ← β Ū + (1 - β) |I - Ī| (β = 0.85); a component's score is the mean of
+    Ī·Ū over its A row plus the mean over its B column: r floats a module. Freezing
+    (``train_components`` n): gradients of components n.. are zeroed before clipping and the step,
+    and their values put back after it (AdamW's weight decay would move them): they stay as sent.
+    Scores are measured on the full gradient, frozen components included.
+    """
+
+    BETA = 0.85
+
+    def __init__(self, params: dict[str, torch.Tensor], train_components: int | None):
+        self.params, self.n = params, train_components
+        self.pairs = [pair for pair in lora_pairs(params).values()]
+        self.ibar: dict[str, torch.Tensor] = {}
+        self.ubar: dict[str, torch.Tensor] = {}
+        self.held = {} if self.n is None else {  # the frozen slices, as sent: O(adapter) memory
+            k: (params[a][self.n:].detach().clone(), params[b][:, self.n:].detach().clone()) for k, (a, b) in enumerate(self.pairs)}
+
+    def before_step(self) -> None:
+        """Score the gradients just computed, then zero the frozen components' share."""
+        for a, b in self.pairs:
+            for key in (a, b):
+                p = self.params[key]
+                imp = (p.detach() * p.grad).abs()
+                ibar = self.ibar.get(key, torch.zeros_like(imp)).mul_(self.BETA).add_(imp, alpha=1 - self.BETA)
+                self.ibar[key] = ibar
+                self.ubar[key] = self.ubar.get(key, torch.zeros_like(imp)).mul_(self.BETA).add_((imp - ibar).abs(), alpha=1 - self.BETA)
+            if self.n is not None:
+                self.params[a].grad[self.n:] = 0
+                self.params[b].grad[:, self.n:] = 0
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Put the frozen components back as they were sent."""
+        for k, (a, b) in enumerate(self.pairs) if self.n is not None else ():
+            self.params[a][self.n:] = self.held[k][0]
+            self.params[b][:, self.n:] = self.held[k][1]
+
+    def scores(self) -> AdapterState:
+        """Score per component of every module (keyed by its A key); zeros before the first step."""
+        out = {}
+        for a, b in self.pairs:
+            if a not in self.ibar:
+                out[a] = torch.zeros(self.params[a].shape[0])
+                continue
+            out[a] = ((self.ibar[a] * self.ubar[a]).mean(1) + (self.ibar[b] * self.ubar[b]).mean(0)).float().cpu()
+        return out
+
+
 class LocalTrainer:
     """Runs :class:`ClientTask` s on one resident model: the local loop of every algorithm.
 
@@ -190,14 +243,15 @@ class LocalTrainer:
         return batch
 
     def _result(self, task: ClientTask, state: AdapterState, losses: list[float], flops: float,
-                opt: torch.optim.Optimizer, keys: list[str]) -> ClientResult:
+                opt: torch.optim.Optimizer, keys: list[str], comps: Components | None = None) -> ClientResult:
         n = len(self.parts[task.client_id])
         if not all(math.isfinite(v) for v in losses) or any(not torch.isfinite(t).all() for t in state.values()):
             # a client whose training diverged sends nothing (colora.validation); central stops the run
             return ClientResult(task.client_id, {}, n, float("nan"), flops, task.steps, None,
                                 failed="its local training produced NaN or inf")
         moments = moments_of(opt, keys) if task.keep_optimizer else None
-        return ClientResult(task.client_id, state, n, float(np.mean(losses)), flops, task.steps, moments)
+        scores = comps.scores() if task.scores else None
+        return ClientResult(task.client_id, state, n, float(np.mean(losses)), flops, task.steps, moments, scores=scores)
 
     def run(self, task: ClientTask) -> ClientResult:
         """Load the task's state, take its local steps, return the trained state."""
@@ -210,6 +264,7 @@ class LocalTrainer:
         opt = self._optimizer(task, params)
         anchor = None if task.prox_anchor is None else to_device(task.prox_anchor, self.model)
         correction = None if task.correction is None else to_device(task.correction, self.model)
+        comps = components(task, params)
         self.model.train()
         torch.manual_seed(_torch_seed(self.seed, task.client_id, task.start_step))
         losses, flops = [], 0.0
@@ -219,9 +274,9 @@ class LocalTrainer:
                 batch = to_device(self._batch(task, step), self.model)
                 loss = self._backward(batch, anchor, slots)
                 flops += self._flops_by_shape[self._shape(batch, slots)]
-                self._update(params, opt, anchor, noise, correction)
+                self._update(params, opt, anchor, noise, correction, comps)
                 losses.append(loss)
-        return self._result(task, slots.get(), losses, flops, opt, list(params))
+        return self._result(task, slots.get(), losses, flops, opt, list(params), comps)
 
     def run_fused(self, tasks: list[ClientTask]) -> list[ClientResult]:
         """Run ``tasks`` in one batched pass per step (colora.fused); each result equals :meth:`run`'s
@@ -269,14 +324,19 @@ class LocalTrainer:
         return float(loss.detach())
 
     def _update(self, params: dict[str, torch.Tensor], opt, anchor, noise: torch.Generator | None,
-                correction: AdapterState | None) -> None:
+                correction: AdapterState | None, comps: Components | None = None) -> None:
         """One optimizer step on ``params`` from their gradients: DP-SGD's privatized gradient (with
-        ``noise``), clipping, SCAFFOLD's ``correction`` c - c_k."""
+        ``noise``), HAFL's scores and frozen components (``comps``), clipping, SCAFFOLD's
+        ``correction`` c - c_k."""
         if noise is not None:  # DP-SGD: the gradient becomes the clipped per-sample sum plus noise
             prox = None if anchor is None or self.cfg.prox_mu <= 0 else {
                 k: self.cfg.prox_mu * (p.detach() - anchor[k]) for k, p in params.items()}
             private_gradient(params, self.dp.clip, self.dp.noise_multiplier, noise, prox)
+        if comps is not None:
+            comps.before_step()
         clip_and_step(self.cfg, params, opt, correction)
+        if comps is not None:
+            comps.after_step()
 
     def _loss(self, batch, anchor, slots: AdapterSlots) -> torch.Tensor:
         with autocast(self.cfg.precision, self.model):
@@ -298,7 +358,7 @@ def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResu
     if adapters is not None:
         adapters.merge_base(tasks[0].base_delta)
     slots = [adapters.ensure(t.rank or adapters.default_rank) if adapters is not None else trainer.slots for t in tasks]
-    params, trained, opts, anchors, corrections, streams, scaling = [], [], [], [], [], [], []
+    params, trained, opts, anchors, corrections, comps, streams, scaling = [], [], [], [], [], [], [], []
     for t, s in zip(tasks, slots):
         live = {k: torch.nn.Parameter(t.state[k].to(device, copy=True), requires_grad=k not in t.frozen)
                 for k in s.params}  # the client's own leaves
@@ -307,6 +367,7 @@ def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResu
         opts.append(trainer._optimizer(t, trained[-1]))
         anchors.append(None if t.prox_anchor is None else to_device(t.prox_anchor, model))
         corrections.append(None if t.correction is None else to_device(t.correction, model))
+        comps.append(components(t, trained[-1]))
         torch.manual_seed(_torch_seed(trainer.seed, t.client_id, t.start_step))  # as run() seeds it
         streams.append(rng_snapshot(device))
         scaling.append(lora_scaling(model, s.adapter))
@@ -331,10 +392,15 @@ def fused_run(trainer: LocalTrainer, tasks: list[ClientTask]) -> list[ClientResu
             torch.stack(per).sum().backward()  # client j's factors reach only its own loss
             for n, j in enumerate(on):
                 streams[j] = step.streams[n]
-                trainer._update(trained[j], opts[j], anchors[j], None, corrections[j])
+                trainer._update(trained[j], opts[j], anchors[j], None, corrections[j], comps[j])
                 losses[j].append(float(per[n].detach()))
     return [trainer._result(t, {k: p.detach().to("cpu", copy=True) for k, p in params[j].items()}, losses[j], flops[j], opts[j],
-                            list(trained[j])) for j, t in enumerate(tasks)]
+                            list(trained[j]), comps[j]) for j, t in enumerate(tasks)]
+
+
+def components(task: ClientTask, params: dict[str, torch.Tensor]) -> Components | None:
+    """HAFL's bookkeeping for ``task`` when it asks for scores or frozen components, else None."""
+    return Components(params, task.train_components) if task.scores or task.train_components is not None else None
 
 
 def task_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,10 @@ class ClientTask:
     frozen: list[str] = field(default_factory=list)
     # train.correction=scaffold: c - c_k per adapter key, added to every local gradient; None: no correction
     correction: AdapterState | None = None
+    # federation.aggregator=hafl: measure each LoRA component's importance (ClientResult.scores)
+    scores: bool = False
+    # hafl_mode=freeze: only the first n components of every LoRA module train, the rest stay as sent
+    train_components: int | None = None
 
 
 @dataclass
@@ -50,6 +54,7 @@ class ClientResult:
     steps: int
     moments: AdapterState | None = None  # the optimizer's moments after the task, when it keeps them
     failed: str | None = None  # why the client sends no update (its local loss went NaN or inf); state is then {}
+    scores: AdapterState | None = None  # hafl: smoothed sensitivity per LoRA component, keyed by the module's A key
 
 
 class TaskRunner(Protocol):

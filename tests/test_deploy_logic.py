@@ -115,6 +115,7 @@ CASES = {  # every paradigm that deploys, with the state a client's task must ca
     "fedavg-svd-mixed": dict(federation__aggregator="svd", **MIXED),
     "fedavg-stack-mixed": dict(federation__aggregator="stack", **MIXED),
     "fedavg-hlora": dict(federation__aggregator="hlora"),
+    "fedavg-hafl-freeze-mixed": dict(federation__aggregator="hafl", federation__hafl_mode="freeze", **MIXED),
     "fedavg-scaffold-ffa": dict(train__correction="scaffold", federation__lora_mode="ffa"),
     "fedavg-dp-local": dict(privacy__mode="local", privacy__clip=1.0, privacy__noise_multiplier=0.8),
     "fedavg-dp-client": dict(privacy__mode="client", privacy__clip=0.5, privacy__noise_multiplier=0.5),

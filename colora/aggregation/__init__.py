@@ -16,6 +16,7 @@ from functools import partial
 
 from ..config import FederationConfig
 from .fedit import FEDIT, fedit
+from .hafl import HAFL
 from .hetero import RankedRule, equal_rank_rule
 from .hlora import HLORA
 from .lora_fair import lora_fair
@@ -29,7 +30,7 @@ from .zero_pad import ZERO_PAD, hetlora_prune
 LORA_FAIR = equal_rank_rule("lora_fair", partial(lora_fair, lam=0.01), exact=False)
 
 # Every federation.aggregator name (the config validates against this registry).
-RULES: dict[str, RankedRule] = {rule.name: rule for rule in (FEDIT, PRODUCT, ZERO_PAD, SVD, STACK, HLORA, LORA_FAIR)}
+RULES: dict[str, RankedRule] = {rule.name: rule for rule in (FEDIT, PRODUCT, ZERO_PAD, SVD, STACK, HLORA, LORA_FAIR, HAFL)}
 EXACT = {name: rule.exact for name, rule in RULES.items()}
 
 

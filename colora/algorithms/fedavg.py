@@ -63,7 +63,7 @@ class FedAvg(Algorithm):
             downs = [d + payload_nbytes(self.scaffold.c) for d in downs]
         start = {k: self.personal.task_state(k, sent[k]) if self.personal else sent[k] for k in sampled}
         tasks = [ClientTask(k, start[k], self.client_steps[k], steps, lr, prox_anchor=sent[k] if cfg.train.prox_mu > 0 else None,
-                            keep_optimizer=keep, rank=server.ranks[k], base_delta=delta, moments=self.moments.get(k),
+                            keep_optimizer=keep, **server.task_options(k), base_delta=delta, moments=self.moments.get(k),
                             flip_labels=self.flip_labels(k), frozen=frozen,
                             correction=self.scaffold.correction(k) if self.scaffold else None) for k in sampled]
         results = self.ctx.run_tasks(tasks)
@@ -80,7 +80,9 @@ class FedAvg(Algorithm):
         home = set(frozen) | set(home_keys(mode, server.state))
         travels = lambda st: nbytes(st, [k for k in st if k not in home])  # noqa: E731 - frozen and personal keys stay home
         up_of = {r.client_id: 0 if r.failed else travels(r.state) for r in received}
-        up_of.update({r.client_id: travels(st) for r, st in zip(results, states)})  # HetLoRA: the pruned upload
+        # what travels: HetLoRA's pruned upload, HAFL's freeze mode the trained components, plus HAFL's scores
+        up_of.update({r.client_id: travels({**st, **{"scores/" + k: v for k, v in (r.scores or {}).items()}})
+                      for r, st in zip(results, states)})
         if self.scaffold is not None:  # each client's change of its control variate goes up too
             for k, extra in self.scaffold.update(results, sent, lr).items():
                 up_of[k] += extra
@@ -91,7 +93,7 @@ class FedAvg(Algorithm):
             server.state = dp_fedavg(states, previous, cfg.privacy.clip, cfg.privacy.noise_multiplier, cfg.clients.per_round,
                                      dp_noise(cfg.seed, rnd))
         else:
-            server.aggregate(states, weights, sents=[sent[r.client_id] for r in results])
+            server.aggregate(states, weights, sents=[sent[r.client_id] for r in results], scores=[r.scores for r in results])
         server.state, self.server_opt_state = server_step(cfg.federation, previous, server.state, self.server_opt_state)
         sim = fedavg_round_time(
             [r.flops for r in received], ups, downs, [self.device(r.client_id) for r in received], cfg.system.server,
