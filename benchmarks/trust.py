@@ -24,19 +24,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from colora.compare import check_sweep, load_sweep, run_sweep  # noqa: E402
+from sweeps import class_shares, one_class, parse_sets, run_sweep_folder  # noqa: E402
+
 from colora.config import build_config, read_yaml  # noqa: E402
 from colora.engines import Engine  # noqa: E402
 from colora.privacy import epsilon, local_epsilon  # noqa: E402
-from colora.report import load_run, main_metric, seed_groups  # noqa: E402
+from colora.report import main_metric, seed_groups  # noqa: E402
 
 BASE = ROOT / "examples" / "sst2_noniid.yaml"
 RULES = ["median", "trimmed_mean", "krum", "multi_krum", "norm_clip"]
@@ -83,17 +81,7 @@ def dp_runs(base: dict, sets: dict, seeds: list[int]) -> list[dict]:
 
 
 def run_section(name: str, runs: list[dict], sets: dict, seeds: list[int], out: Path, jobs: int) -> list:
-    sweep = {"base": str(BASE), "set": sets, "runs": runs, "seeds": seeds}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(sweep, sort_keys=False))
-        configs = load_sweep(path)
-    folder = out / name
-    check_sweep(configs, folder)
-    result = run_sweep(configs, folder, jobs)
-    if result.failed:
-        raise SystemExit(f"{len(result.failed)} run(s) failed: {'; '.join(result.failed)}")
-    return [load_run(d) for d in result.dirs]
+    return run_sweep_folder(BASE, runs, sets, seeds, out / name, jobs)
 
 
 def summarize(runs, shares: list[float]) -> list[tuple[str, float, float, list[float], int]]:
@@ -102,9 +90,9 @@ def summarize(runs, shares: list[float]) -> list[tuple[str, float, float, list[f
     rows = []
     for group in seed_groups(runs):
         finals = [r.summary["final"][metric] for r in group]
-        one_class = sum(1 for v in finals if any(abs(v - share) < 1e-9 for share in shares))
         label = describe(group[0].config)
-        rows.append((label, statistics.fmean(finals), statistics.stdev(finals) if len(finals) > 1 else 0.0, finals, one_class))
+        rows.append((label, statistics.fmean(finals), statistics.stdev(finals) if len(finals) > 1 else 0.0, finals,
+                     sum(one_class(v, shares) for v in finals)))
     return rows
 
 
@@ -115,13 +103,6 @@ def describe(config: dict) -> str:
         return f"{privacy['mode']} DP, epsilon {privacy['target_epsilon']:g} (noise {privacy['noise_multiplier']:g})"
     attack = f"{byz['fraction']:.0%} {byz['attack']}" if byz.get("fraction") else "clean"
     return f"{attack}, {fed.get('robust', 'none') if fed.get('robust', 'none') != 'none' else 'plain fedavg'}"
-
-
-def class_shares(base: dict, sets: dict) -> list[float]:
-    """The eval split's class shares: a run that predicts one class for every example scores one of them."""
-    with Engine(build_config(base, sets)) as engine:
-        labels = list(engine.eval_data.labels)
-    return [labels.count(c) / len(labels) for c in sorted(set(labels))]
 
 
 def table(title: str, rows, reference: float | None = None) -> None:
@@ -142,10 +123,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny-bert, 2 rounds: checks the pipeline, not the method")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
-    sets = {"data.path": str(Path(args.data).resolve()), "log.progress": False, **(QUICK if args.quick else {})}
-    for item in args.sets:
-        key, _, value = item.partition("=")
-        sets[key] = yaml.safe_load(value)
+    sets = {"data.path": str(Path(args.data).resolve()), "log.progress": False, **(QUICK if args.quick else {}), **parse_sets(args.sets)}
     seeds, out = [int(s) for s in args.seeds.split(",")], Path(args.out)
     base = read_yaml(BASE, "base config")
     shares = class_shares(base, sets)

@@ -1,0 +1,138 @@
+"""Peer methods on skewed clients, on paired seeds (prints tables; not timed tests).
+
+    python benchmarks/peers.py --glue ../shared/data/glue --jobs 2                 # every section
+    python benchmarks/peers.py --glue DIR --sections sst2 --seeds 0,1 --set rounds=10
+    python benchmarks/peers.py --glue DIR --quick                                   # a smoke size
+
+Base: ``examples/sst2_noniid.yaml`` (MiniLM-L6 + LoRA r=8, 20 Dirichlet(0.5) clients, 10 a round,
+30 rounds x 10 local steps, bf16), every run holding out the same 10% of each client's data
+(``eval.client_holdout``, so FedSA-LoRA's personal models are scored like the rest). Seeds are
+paired: a seed fixes the partition, the sampled clients, the batches and the initial adapter for
+every method (common random numbers), so the per-seed difference against the baseline is the
+informative number. Runs go through ``colora compare`` into ``--out``: an interrupted benchmark
+resumes where it stopped, ``--jobs`` runs several at once, ``--set KEY=VALUE`` changes every run
+(more rounds, another model on a GPU: the same command).
+
+- sst2 (seeds 0-4): fedit (the baseline), LoRA-FAIR, SCAFFOLD, FFA-LoRA, RoLoRA, FedSA-LoRA, and central
+  LoRA at equal samples (10 x 10 steps a round on the pooled data). Reports mean ± std, the paired
+  difference against fedit, the seeds that end predicting one class, and the share of fedit's gap
+  to central each method closes. Targets: the best method ends no seed at one class and closes at
+  least half the gap.
+- ranks (same seeds): mixed ranks 2/4/8 over the clients: zero_pad (the baseline), svd, raFLoRA
+  (svd + rank_partitioned), HAFL truncate and HAFL freeze.
+- mrpc (seeds 0-2): the same split on MRPC for fedit and the two best methods of the sst2 section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sweeps import class_shares, one_class, parse_sets, run_sweep_folder  # noqa: E402
+
+from colora.config import read_yaml  # noqa: E402
+from colora.report import main_metric  # noqa: E402
+
+BASE = ROOT / "examples" / "sst2_noniid.yaml"
+METHODS = {
+    "fedit": {},
+    "lora_fair": {"federation.aggregator": "lora_fair"},
+    "scaffold": {"train.correction": "scaffold"},
+    "ffa": {"federation.lora_mode": "ffa"},
+    "rolora": {"federation.lora_mode": "rolora"},
+    "fedsa": {"federation.lora_mode": "fedsa"},
+}
+RANKED = {
+    "zero_pad": {"federation.aggregator": "zero_pad"},
+    "svd": {"federation.aggregator": "svd"},
+    "raflora": {"federation.aggregator": "svd", "federation.rank_partitioned": True},
+    "hafl_truncate": {"federation.aggregator": "hafl"},
+    "hafl_freeze": {"federation.aggregator": "hafl", "federation.hafl_mode": "freeze"},
+}
+COMMON = {"eval.client_holdout": 0.1, "log.progress": False}
+QUICK = {"model.name": "tiny-bert", "rounds": 2, "train.local_steps": 2, "data.max_train": 2000, "data.max_eval": 64,
+         "eval.every": 1, "train.precision": "fp32", "clients.num": 6, "clients.per_round": 3}
+
+
+def central_at_equal_samples(base: dict, sets: dict) -> dict:
+    """Central LoRA taking, each round, the steps of all the round's clients together."""
+    train, clients = {**base["train"], **{k[6:]: v for k, v in sets.items() if k.startswith("train.")}}, base["clients"]
+    per_round = sets.get("clients.per_round", clients["per_round"])
+    return {"algorithm": "central", "train.local_steps": per_round * train["local_steps"], "eval.client_holdout": 0.0}
+
+
+def ranks_for(num: int) -> list[int]:
+    return [(2, 4, 8)[k % 3] for k in range(num)]
+
+
+def section(name: str, methods: dict, sets: dict, seeds: list[int], out: Path, jobs: int) -> dict[str, list]:
+    """Each method's runs, by method name, in seed order (a sweep runs its entries in order, each
+    once per seed)."""
+    runs = [{"name": method, **over} for method, over in methods.items()]
+    done = run_sweep_folder(BASE, runs, sets, seeds, out / name, jobs)
+    n = len(seeds)
+    return {method: done[i * n:(i + 1) * n] for i, method in enumerate(methods)}
+
+
+def report(title: str, groups: dict[str, list], baseline: str, shares: list[float], reference: str | None = None) -> list[str]:
+    """Print one table; return the methods (baseline and reference left out) best first by mean."""
+    metric = main_metric([r for g in groups.values() for r in g])
+    final = {m: [r.summary["final"][metric] for r in g] for m, g in groups.items()}
+    base, ref = final[baseline], final.get(reference) if reference else None
+    print(f"\n{title} ({metric}, final; paired differences in points against {baseline})")
+    print(f"{'method':<14} {'mean ± std':>16} {'per seed':>36} {'paired diff per seed':>36} {'mean diff':>9} {'one class':>9}"
+          + (f" {'gap closed':>10}" if ref else ""))
+    for m, vals in final.items():
+        diffs = [100 * (v - b) for v, b in zip(vals, base)]
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        line = (f"{m:<14} {statistics.fmean(vals):>8.4f} ± {std:.4f} {' '.join(f'{v:.3f}' for v in vals):>36} "
+                f"{' '.join(f'{d:+.1f}' for d in diffs):>36} {statistics.fmean(diffs):>+9.2f} "
+                f"{sum(one_class(v, shares) for v in vals):>4}/{len(vals)}")
+        if ref:
+            gap = statistics.fmean(ref) - statistics.fmean(base)
+            line += f" {(statistics.fmean(vals) - statistics.fmean(base)) / gap:>10.2f}" if gap > 0 else f" {'-':>10}"
+        print(line)
+    ranked = [m for m in final if m not in (baseline, reference)]
+    return sorted(ranked, key=lambda m: -statistics.fmean(final[m]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--glue", required=True, help="a folder holding SST-2 and MRPC (GLUE TSV layout)")
+    p.add_argument("--sections", default="sst2,ranks,mrpc")
+    p.add_argument("--out", default="runs/peers")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--mrpc-seeds", default="0,1,2")
+    p.add_argument("--quick", action="store_true", help="tiny-bert, 2 rounds: checks the pipeline, not the methods")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+    sections, out, glue = args.sections.split(","), Path(args.out), Path(args.glue).resolve()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base = read_yaml(BASE, "base config")
+    sets = {**COMMON, "data.path": str(glue / "SST-2"), **(QUICK if args.quick else {}), **parse_sets(args.sets)}
+    shares = class_shares(base, sets)
+    best = ["lora_fair", "scaffold"]
+    if "sst2" in sections:
+        methods = {**METHODS, "central": central_at_equal_samples(base, sets)}
+        best = report("SST-2, 20 Dirichlet(0.5) clients, 10 a round", section("sst2", methods, sets, seeds, out, args.jobs),
+                      "fedit", shares, reference="central")[:2]
+    if "ranks" in sections:
+        num = sets.get("clients.num", base["clients"]["num"])
+        ranked = {**sets, "federation.ranks": ranks_for(num)}
+        report("SST-2, mixed ranks 2/4/8", section("ranks", RANKED, ranked, seeds, out, args.jobs), "zero_pad", shares)
+    if "mrpc" in sections:
+        mrpc = {**sets, "data.name": "glue/mrpc", "data.path": str(glue / "MRPC"), "data.max_length": 128}
+        methods = {m: METHODS[m] for m in ["fedit", *best]}
+        mrpc_seeds = [int(s) for s in args.mrpc_seeds.split(",")]
+        report("MRPC, the same split", section("mrpc", methods, mrpc, mrpc_seeds, out, args.jobs), "fedit",
+               class_shares(base, mrpc))
+
+
+if __name__ == "__main__":
+    main()
