@@ -73,6 +73,29 @@ def round_one_killing_a_worker(cls, ref, eng, kill) -> None:
         cls.handle = handle
 
 
+def spy_rounds(cfg, rounds: int):
+    """Run ``rounds`` rounds of ``cfg`` on its engine, keeping every round's tasks, (copied) results
+    and the global state before and after each round; returns (seen, globals, metrics, algorithm)."""
+    from colora.engines import Engine
+    from colora.types import ClientResult
+
+    seen = []
+    with Engine(cfg) as engine:
+        algo, run_tasks = engine.algorithm, engine.algorithm.ctx.run_tasks
+
+        def spy(tasks):
+            results = run_tasks(tasks)
+            seen.append((tasks, [ClientResult(r.client_id, dict(r.state), r.num_samples, r.loss, r.flops, r.steps,
+                                              scores=r.scores) for r in results]))
+            return results
+        algo.ctx.run_tasks = spy
+        globals_, metrics = [dict(algo.global_state())], []
+        for rnd in range(1, rounds + 1):
+            metrics.append(algo.run_round(rnd))
+            globals_.append(dict(algo.global_state()))
+    return seen, globals_, metrics, algo
+
+
 def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -11,13 +11,11 @@ from colora.aggregation import RULES
 from colora.aggregation.hafl import hafl, merge_scores, sort_by_importance
 from colora.cli import main
 from colora.config import ConfigError
-from colora.engines import Engine
 from colora.experiment import run_experiment
 from colora.states import lora_pairs, payload_nbytes
 from colora.train import Components
-from colora.types import ClientResult
 
-from .conftest import read_rows, tiny_config
+from .conftest import read_rows, spy_rounds, tiny_config
 
 RUN = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=32, rounds=3, clients__num=4,
            clients__per_round=3, train__local_steps=2, train__lr=0.05, federation__aggregator="hafl")
@@ -118,22 +116,8 @@ def test_client_scores_are_smoothed_sensitivity_and_frozen_components_stay_as_se
 
 def _spy_rounds(over: dict, rounds: int = 2):
     cfg = tiny_config(**{**RUN, **over})
-    seen = []
-    with Engine(cfg) as engine:
-        algo, run_tasks = engine.algorithm, engine.algorithm.ctx.run_tasks
-
-        def spy(tasks):
-            results = run_tasks(tasks)
-            seen.append((tasks, [ClientResult(r.client_id, dict(r.state), r.num_samples, r.loss, r.flops, r.steps,
-                                              scores=r.scores) for r in results]))
-            return results
-        algo.ctx.run_tasks = spy
-        before, metrics = [dict(algo.global_state())], []
-        for rnd in range(1, rounds + 1):
-            metrics.append(algo.run_round(rnd))
-            before.append(dict(algo.global_state()))
-        scores = algo.server.scores
-    return cfg, seen, before, metrics, scores
+    seen, globals_, metrics, algo = spy_rounds(cfg, rounds)
+    return cfg, seen, globals_, metrics, algo.server.scores
 
 
 def test_truncate_hands_each_client_the_most_important_components_and_counts_the_scores():

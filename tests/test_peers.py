@@ -16,7 +16,7 @@ from colora.experiment import run_experiment
 from colora.states import lora_pairs, payload_nbytes
 from colora.types import ClientResult
 
-from .conftest import read_rows, tiny_config
+from .conftest import read_rows, spy_rounds, tiny_config
 
 RUN = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=32, rounds=3, clients__num=4,
            clients__per_round=3, train__local_steps=2, train__lr=0.05)
@@ -25,20 +25,7 @@ RUN = dict(data__synthetic_train=72, data__synthetic_eval=32, data__max_length=3
 def _round(over: dict, rounds: int = 2):
     """Run ``rounds`` rounds on an engine, keeping every round's tasks, results and global state."""
     cfg = tiny_config(**{**RUN, **over})
-    seen = []
-    with Engine(cfg) as engine:
-        algo, run_tasks = engine.algorithm, engine.algorithm.ctx.run_tasks
-
-        def spy(tasks):
-            results = run_tasks(tasks)
-            seen.append((tasks, [ClientResult(r.client_id, dict(r.state), r.num_samples, r.loss, r.flops, r.steps)
-                                 for r in results]))
-            return results
-        algo.ctx.run_tasks = spy
-        globals_, metrics = [dict(algo.global_state())], []
-        for rnd in range(1, rounds + 1):
-            metrics.append(algo.run_round(rnd))
-            globals_.append(dict(algo.global_state()))
+    seen, globals_, metrics, _ = spy_rounds(cfg, rounds)
     return cfg, seen, globals_, metrics
 
 
