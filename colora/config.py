@@ -308,6 +308,13 @@ class FederationConfig(_Strict):
     metrics.jsonl's ``dropouts``; the simulation never drops a client."""
     round_timeout_s: float = Field(600.0, gt=0)
     """Deployment only: seconds the server waits for a round's answers (and for data owners to join)."""
+    secure_aggregation: bool = False
+    """fedavg: the server learns only the clients' weighted mean, never one client's update. Deployed
+    (``colora deploy``), through Flower's SecAgg+ (masked, quantized vectors: each value clipped to
+    ±8 and rounded to 16/2^22 ≈ 3.8e-6 stochastically; a round needs >= 2 answering clients and
+    half of them to unmask); simulated, the plain weighted mean (the reference). Needs
+    ``aggregator: fedit`` and nothing that reads single updates (robust rules, max_update_norm,
+    client-level DP, attacks, HAFL, SCAFFOLD, lora_mode, kept optimizer moments)."""
     hafl_mode: Literal["truncate", "freeze"] = "truncate"
     """``aggregator: hafl``: ``truncate``: a client of rank r receives and trains the global's r most important
     components; ``freeze``: every client holds the global at its full rank and trains only its r most
@@ -732,6 +739,28 @@ class Config(_Strict):
         if fed.aggregator != "fedit" or (fed.ranks and len(set(fed.ranks)) > 1) or fed.rank_rule != "uniform":
             raise ValueError(f"{what[0]} keeps factors in one shared coordinate system: it needs equal ranks and "
                              f"federation.aggregator=fedit (got {fed.aggregator}); use fedit and one rank")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_sees_only_the_sum(self) -> "Config":
+        fed = self.federation
+        if not fed.secure_aggregation:
+            return self
+        if self.algorithm != "fedavg":
+            raise ValueError(f"federation.secure_aggregation hides fedavg's client updates (algorithm is {self.algorithm}); "
+                             "set it to false")
+        reads_updates = {
+            "federation.aggregator": fed.aggregator != "fedit", "federation.robust": fed.robust != "none",
+            "federation.max_update_norm": fed.max_update_norm is not None, "privacy.mode=client": self.privacy.mode == "client",
+            "clients.byzantine": self.clients.byzantine.fraction > 0, "train.correction": self.train.correction != "none",
+            "federation.lora_mode": fed.lora_mode != "standard", "train.client_optimizer=keep": self.train.client_optimizer == "keep",
+            "mixed ranks": bool(fed.ranks and len(set(fed.ranks)) > 1) or fed.rank_rule != "uniform"}
+        clash = [k for k, v in reads_updates.items() if v]
+        if clash:
+            raise ValueError(f"federation.secure_aggregation gives the server only the weighted mean of the updates, but "
+                             f"{clash[0]} needs each client's own; turn one of them off")
+        if self.clients.per_round < 2:
+            raise ValueError("federation.secure_aggregation needs clients.per_round >= 2 (one client's sum is its update)")
         return self
 
     @model_validator(mode="after")

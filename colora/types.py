@@ -57,6 +57,19 @@ class ClientResult:
     scores: AdapterState | None = None  # hafl: smoothed sensitivity per LoRA component, keyed by the module's A key
 
 
+@dataclass
+class SecureSum:
+    """What a round under secure aggregation reveals: the clients' sample-weighted mean state and
+    training loss, their total samples, and (in the clear) each client's compute and steps."""
+
+    state: AdapterState
+    loss: float
+    num_samples: int
+    flops: list[float]  # per task, in task order (0 for a client that dropped out)
+    steps: list[int]
+    answered: int  # clients whose masked update entered the sum
+
+
 class TaskRunner(Protocol):
     """What an engine offers algorithms: run independent client tasks, in any order or in parallel."""
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..attacks import attackers, noise_generator, tamper
 from ..config import ColoraError, Config, DeviceProfile, NonFiniteError
 from ..privacy import check_budget, epsilon, local_epsilon
-from ..types import AdapterState, ClientResult, RoundResult, TaskRunner
+from ..types import AdapterState, ClientResult, RoundResult, SecureSum, TaskRunner
 from ..validation import screen
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ class Context:
     # declora: run the nodes' gossip steps (colora.algorithms.declora.MixJob -> the node's new state);
     # None: on the driver, on the nodes' behalf (simulation); deployed, on the nodes themselves.
     run_mixes: Callable[[list], list[AdapterState]] | None = None
+    # federation.secure_aggregation: run a round's tasks and return only their weighted mean
+    # (colora.types.SecureSum); None: on the driver from run_tasks (simulation); deployed, SecAgg+.
+    run_secure: Callable[[list], SecureSum] | None = None
 
 
 class Algorithm(ABC):

@@ -16,13 +16,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..aggregation import server_step
-from ..config import ColoraError
+from ..aggregation.fedit import weighted_mean
+from ..config import ColoraError, NonFiniteError
 from ..costmodel import fedavg_round_time
 from ..privacy import dp_fedavg
 from ..privacy import noise_generator as dp_noise
 from ..schedule import lr_at
 from ..states import lora_rank, payload_nbytes
-from ..types import ClientTask, RoundResult
+from ..types import ClientTask, RoundResult, SecureSum
 from .base import Algorithm, sample_clients, screen_round
 from .drift import PersonalB, Scaffold, frozen_keys, home_keys, nbytes, sent_keys
 from .server import AdapterServer
@@ -66,6 +67,8 @@ class FedAvg(Algorithm):
                             keep_optimizer=keep, **server.task_options(k), base_delta=delta, moments=self.moments.get(k),
                             flip_labels=self.flip_labels(k), frozen=frozen,
                             correction=self.scaffold.correction(k) if self.scaffold else None) for k in sampled]
+        if cfg.federation.secure_aggregation:  # the server learns only the weighted mean
+            return self.secure_round(rnd, tasks, downs)
         results = self.ctx.run_tasks(tasks)
         self.attack(rnd, results, start)
         for r in results:
@@ -104,6 +107,34 @@ class FedAvg(Algorithm):
                                                              "rejected_updates": len(rejected),
                                                              **self.privacy_spent(rnd, self.client_steps),
                                                              **self.client_metrics(rnd, self.client_model)})
+
+    def secure_round(self, rnd: int, tasks: list[ClientTask], downs: list[int]) -> RoundResult:
+        """A round under ``federation.secure_aggregation``: the weighted mean of the trained states is
+        all the server learns (SecAgg+ deployed, ``ctx.run_secure``; simulated, the same mean taken
+        on the driver). No update is screened: the server never sees one. Bytes up: each client's
+        plain update (deployed, ``wire_bytes_up`` counts the protocol's masked vectors)."""
+        cfg, server = self.cfg, self.server
+        agg = (self.ctx.run_secure or self._secure_sum)(tasks)
+        for t, steps in zip(tasks, agg.steps):
+            self.client_steps[t.client_id] += steps
+        server.state, self.server_opt_state = server_step(cfg.federation, server.state, agg.state, self.server_opt_state)
+        ups = [payload_nbytes(agg.state) if steps else 0 for steps in agg.steps]
+        sim = fedavg_round_time(agg.flops, ups, downs, [self.device(t.client_id) for t in tasks], cfg.system.server,
+                                agg.answered * sum(v.numel() for v in agg.state.values()))
+        return RoundResult(agg.loss, sum(ups), sum(downs), sim, {"clients": agg.answered, "global_rank": lora_rank(server.state),
+                                                                 "rejected_updates": 0, **self.privacy_spent(rnd, self.client_steps),
+                                                                 **self.client_metrics(rnd, self.client_model)})
+
+    def _secure_sum(self, tasks: list[ClientTask]) -> SecureSum:
+        """The simulated secure sum: every client's update, combined exactly as SecAgg+ combines
+        them (weighted by rows, or uniformly), the per-client states then forgotten."""
+        results = self.ctx.run_tasks(tasks)
+        ok = [r for r in results if not r.failed]
+        if not ok:
+            raise NonFiniteError("every client's local training produced NaN or inf this round; lower train.lr")
+        w = [float(r.num_samples) if self.cfg.federation.weighting == "samples" else 1.0 for r in ok]
+        return SecureSum(weighted_mean([r.state for r in ok], w), float(np.average([r.loss for r in ok], weights=w)),
+                         sum(r.num_samples for r in ok), [r.flops for r in results], [r.steps for r in results], len(ok))
 
     def client_model(self, client: int):
         """The model ``client`` uses: the global, or under FedSA the global with its own B."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -44,8 +45,8 @@ class FlowerTransport:
     """colora.deploy.remote's transport over a Flower grid: client ids bound to SuperNode ids when
     the owners join."""
 
-    def __init__(self, grid: Grid):
-        self.grid, self.node_of, self.up, self.down = grid, {}, 0, 0
+    def __init__(self, grid: Grid, context: Context | None = None):
+        self.grid, self.context, self.node_of, self.up, self.down = grid, context, {}, 0, 0
 
     def wait_for_nodes(self, n: int, timeout: float) -> list[int]:
         """The first ``n`` connected SuperNodes (sorted), waiting up to ``timeout`` seconds."""
@@ -83,9 +84,46 @@ class FlowerTransport:
     def wire_bytes(self) -> tuple[int, int]:
         return self.up, self.down
 
+    def secure(self, tasks: list[tuple[int, bytes, int]], rnd: int, timeout: float):
+        """One SecAgg+ round over (client, task bytes, weight): colora.deploy.secagg.Summed keyed by
+        client id, or None when the protocol halted. Every protocol message is counted."""
+        from .secagg import secure_sum
+
+        summed = secure_sum(_Counted(self), self.context, [(self.node_of[c], blob, w) for c, blob, w in tasks], rnd, timeout)
+        if summed is not None:
+            client_of = {self.node_of[c]: c for c, _, _ in tasks}
+            summed.answered = {client_of[n]: v for n, v in summed.answered.items() if n in client_of}
+        return summed
+
+
+class _Counted:
+    """The grid as SecAgg+ uses it, with the bytes of every message counted in the transport."""
+
+    def __init__(self, transport: FlowerTransport):
+        self.transport = transport
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.transport.down += sum(wire_size(m) for m in messages)
+        replies = list(self.transport.grid.send_and_receive(messages, timeout=timeout))
+        self.transport.up += sum(wire_size(r) for r in replies if r.has_content())
+        return replies
+
+    def __getattr__(self, name):
+        return getattr(self.transport.grid, name)
+
+
+def _secure_stages(msg: Message, context: Context, call_next) -> Message:
+    """Flower's secaggplus_mod for the SecAgg+ protocol's messages only; colora's own pass by."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
 
 server_app = ServerApp()
-client_app = ClientApp()
+client_app = ClientApp(mods=[_secure_stages])
 
 
 @server_app.main()
@@ -100,7 +138,7 @@ def _serve(grid: Grid, context: Context) -> None:
     status = Path(str(rc["status"]))
     try:
         cfg = load_config(str(rc["config"]), json.loads(str(rc["overrides"])))
-        transport = FlowerTransport(grid)
+        transport = FlowerTransport(grid, context)
         remote = RemoteClients(cfg, transport, owner_public_keys([Path(p) for p in json.loads(str(rc["owner_keys"]))]))
         nodes = transport.wait_for_nodes(cfg.clients.num, float(rc["join_timeout"]))
         remote.join_nodes(nodes, float(rc["join_timeout"]))
@@ -119,5 +157,11 @@ def _serve(grid: Grid, context: Context) -> None:
 
 @client_app.train()
 def _forward(msg: Message, context: Context) -> Message:
-    """One message to the owner's colora process and its answer back."""
-    return to_message(ask_owner(str(context.node_config["colora-socket"]), from_message(msg)), reply_to=msg)
+    """One message to the owner's colora process and its answer back (under secure aggregation,
+    the task inside Flower's FitIns and the trained state as the vector SecAgg+ masks)."""
+    socket = str(context.node_config["colora-socket"])
+    if KEY not in msg.content.array_records:
+        from .secagg import secure_fit
+
+        return secure_fit(msg, lambda blob: ask_owner(socket, blob))
+    return to_message(ask_owner(socket, from_message(msg)), reply_to=msg)

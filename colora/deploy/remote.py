@@ -29,9 +29,10 @@ from tqdm import tqdm
 from ..algorithms.declora import ChocoJob, MixJob
 from ..config import ColoraError, Config
 from ..messages import MessageError, decode, decode_result, encode, encode_task, header
-from ..types import ClientResult, ClientTask
+from ..types import ClientResult, ClientTask, SecureSum
 from ..validation import malformed
 from .pki import verify_join
+from .wire import LOSS_SCALE
 
 # Settings that may differ between parties: where each party's data lies, how its own machine
 # computes and logs, and what only the server uses (how long it runs and waits, what it evaluates).
@@ -155,6 +156,7 @@ class RemoteClients:
         self.dropouts_total = 0  # over the run so far (rounds without an eval row write no row of their own)
         self.copies_held: dict[int, dict[int, int]] = {}  # CHOCO: node -> {node j: round of the public copy it holds}
         self._since, self._round_began = (0, 0), time.perf_counter()
+        self._secure_rounds = 0
 
     @property
     def executor(self) -> "RemoteClients":
@@ -226,6 +228,40 @@ class RemoteClients:
                               f"{cfg.federation.round_timeout_s:g} s (federation.min_clients={need}, {time.perf_counter() - began:.0f} s); "
                               "the last completed round is checkpointed: restart the owners and resume with colora deploy server --resume")
         return out
+
+    def run_secure(self, tasks: list[ClientTask]) -> SecureSum:
+        """A round's tasks under SecAgg+ (colora.deploy.secagg): only the weighted mean of the
+        trained states comes back; owners that do not answer are dropouts, as in :meth:`run_tasks`."""
+        cfg = self.cfg
+        secure = getattr(self.transport, "secure", None)
+        if secure is None:
+            raise ColoraError("federation.secure_aggregation runs on Flower's runtime (colora deploy server); "
+                              "this transport has no SecAgg+")
+        weight = [self.sizes[t.client_id] if cfg.federation.weighting == "samples" else 1 for t in tasks]
+        self._secure_rounds += 1
+        summed = secure([(t.client_id, encode_task(t), w) for t, w in zip(tasks, weight)], self._secure_rounds,
+                        cfg.federation.round_timeout_s)
+        answered = summed.answered if summed is not None else {}
+        gone = [t.client_id for t in tasks if t.client_id not in answered]
+        for k in gone:
+            self.log(f"colora: client {k} dropped out of this round: its masked update did not enter the sum")
+        self.dropouts += [k for k in gone if k not in self.dropouts]
+        need = max(2, cfg.federation.min_clients or 1)
+        if summed is None or len(answered) < need:
+            raise ColoraError(f"secure aggregation got {len(answered)} of {len(tasks)} clients' masked updates (it needs at least "
+                              f"{need} and half of the sampled clients to unmask); the last completed round is checkpointed: "
+                              "restart the owners and resume with colora deploy server --resume")
+        mean, state, at = summed.mean, {}, 0
+        for key in sorted(tasks[0].state):  # the owners flatten in sorted key order
+            ref = tasks[0].state[key]
+            state[key] = torch.from_numpy(mean[at: at + ref.numel()].reshape(ref.shape).copy()).to(ref.dtype)
+            at += ref.numel()
+        if at + 1 != len(mean):
+            raise ColoraError(f"secure aggregation returned {len(mean)} values for an adapter of {at}; the owners run "
+                              "another adapter: restart them with this run's config")
+        return SecureSum(state, float(mean[-1]) * LOSS_SCALE, sum(self.sizes[k] for k in answered),
+                         [float(answered.get(t.client_id, {}).get("flops", 0.0)) for t in tasks],
+                         [int(answered.get(t.client_id, {}).get("steps", 0)) for t in tasks], len(answered))
 
     def _result(self, task: ClientTask, blob: bytes | None) -> tuple[ClientResult | None, str | None]:
         if blob is None:

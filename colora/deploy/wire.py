@@ -12,6 +12,9 @@ import struct
 
 FRAME = struct.Struct("<Q")
 TIMEOUT_S = 24 * 3600.0  # a task's local training may take hours; the server's round timeout governs
+# Secure aggregation (colora.deploy.secagg): SecAgg+ clips every value to ±CLIP before quantizing
+# (LoRA factors and heads are far smaller); the training loss travels as loss / LOSS_SCALE.
+CLIP, LOSS_SCALE = 8.0, 64.0
 
 
 def send_frame(sock: socket.socket, blob: bytes) -> None:

@@ -95,7 +95,8 @@ class Engine:
                           initial_state_at=self.adapters.initial_state, split=self.split, devices=self.devices,
                           num_labels=self.task.num_labels if self.task.kind == "seq-cls" else None,
                           evaluate_client=self.evaluate_client if cfg.eval.client_holdout > 0 else None,
-                          run_mixes=remote.run_mixes if remote is not None else None)
+                          run_mixes=remote.run_mixes if remote is not None else None,
+                          run_secure=remote.run_secure if remote is not None else None)
             self.algorithm = algo_cls(ctx)
         except BaseException:
             self.close()
