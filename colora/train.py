@@ -173,7 +173,7 @@ class Components:
 
     def __init__(self, params: dict[str, torch.Tensor], train_components: int | None):
         self.params, self.n = params, train_components
-        self.pairs = [pair for pair in lora_pairs(params).values()]
+        self.pairs = list(lora_pairs(params).values())
         self.ibar: dict[str, torch.Tensor] = {}
         self.ubar: dict[str, torch.Tensor] = {}
         self.held = {} if self.n is None else {  # the frozen slices, as sent: O(adapter) memory
@@ -195,7 +195,9 @@ class Components:
     @torch.no_grad()
     def after_step(self) -> None:
         """Put the frozen components back as they were sent."""
-        for k, (a, b) in enumerate(self.pairs) if self.n is not None else ():
+        if self.n is None:
+            return
+        for k, (a, b) in enumerate(self.pairs):
             self.params[a][self.n:] = self.held[k][0]
             self.params[b][:, self.n:] = self.held[k][1]
 

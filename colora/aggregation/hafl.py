@@ -3,7 +3,7 @@ one rank-1 component at a time.
 
 A LoRA module's update is a sum of rank-1 components, s · B[:, i] A[i, :]. Each client scores the
 components it holds by smoothed sensitivity (AdaLoRA's score, measured during local training, see
-:class:`colora.train.ComponentScores`): per parameter I = |θ · ∂L/∂θ|, smoothed over the local steps
+:class:`colora.train.Components`): per parameter I = |θ · ∂L/∂θ|, smoothed over the local steps
 as Ī (EMA) times its uncertainty Ū (EMA of |I - Ī|); a component's score is the mean over its A row
 plus the mean over its B column. The scores travel up with the adapter (r floats a module).
 
@@ -43,24 +43,25 @@ def hafl(states: list[AdapterState], weights: list[float], alpha: float, rank: i
     g_scale = lora_scale(alpha, rank)
     ranks = [lora_rank(s) for s in states]
     out = weighted_mean(states, weights, keys=non_lora_keys(states[0]))
-    w = torch.tensor(weights, dtype=torch.float64)
+    # Who holds which component depends on the ranks only: the same K x R weights for every module.
+    held = torch.tensor([[i < r for i in range(rank)] for r in ranks], dtype=torch.float64)
+    share = torch.tensor(weights, dtype=torch.float64)[:, None] * held
+    total = share.sum(0)  # per component: the weight of the clients holding it
+    p = torch.where(total > 0, share / total.clamp_min(1e-300), torch.zeros_like(share))
+    orphan = total == 0  # held by nobody this round: the previous global's component stays
+    everyone = all(r == rank for r in ranks)  # every client holds every component: zero_pad's own sum
     for a_key, b_key in lora_pairs(states[0]).values():
         a_rows, b_cols = [], []
         for s, r in zip(states, ranks):
             factor = lora_scale(alpha, r) / g_scale
             a_rows.append(pad_rank(s[a_key], rank, 0))
             b_cols.append(pad_rank(s[b_key] * factor if factor != 1.0 else s[b_key], rank, 1))
-        held = torch.tensor([[i < r for i in range(rank)] for r in ranks], dtype=torch.float64)  # K x R
-        share = w[:, None] * held
-        total = share.sum(0)  # per component: the weight of the clients holding it
-        p = torch.where(total > 0, share / total.clamp_min(1e-300), torch.zeros_like(share))
-        if all(r == rank for r in ranks):  # every client holds every component: zero_pad's own sum
+        if everyone:
             mean = weighted_mean([{a_key: a, b_key: b} for a, b in zip(a_rows, b_cols)], weights)
             a_new, b_new = mean[a_key], mean[b_key]
         else:
             a_new = sum(pk[:, None].to(a.dtype) * a for pk, a in zip(p, a_rows))
             b_new = sum(pk[None, :].to(b.dtype) * b for pk, b in zip(p, b_cols))
-        orphan = total == 0  # held by nobody this round: the previous global's component stays
         if bool(orphan.any()) and previous is not None:
             a_new[orphan] = previous[a_key][orphan].to(a_new.dtype)
             b_new[:, orphan] = previous[b_key][:, orphan].to(b_new.dtype)
