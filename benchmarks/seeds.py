@@ -6,12 +6,13 @@
     python benchmarks/seeds.py --glue DIR --quick                              # tiny-bert smoke size
 
 Each task's base is ``examples/glue/<task>.yaml`` (MiniLM-L6 + LoRA r=8 on query/value, peak lr 1e-3
-after a linear warm-up over the first 10% of the steps, linear decay to 0, 600 steps of 16), run as
-it is (``central``) and as ``fedavg`` at the same number of samples: 10 IID clients, 2 a round, 25
-local steps, 12 rounds (600 client steps; warm-up 1 round). Both in bf16 (``--set`` changes any key
-of every run). ``--glue`` is a folder holding the GLUE task folders MRPC, SST-2, CoLA, STS-B in the
-TSV layout. Runs go through ``colora compare`` into ``--out``: an interrupted benchmark resumes where
-it stopped, and ``--jobs`` runs several at once.
+after a linear warm-up over the first 10% of the steps, linear decay to 0, 600 steps of 16; STS-B and
+CoLA also train the pooler, CoLA for 1,600 steps), run as it is (``central``) and as ``fedavg`` at the
+same number of samples: 10 IID clients, 2 a round, 25 local steps, as many rounds as make the central
+run's steps (600 steps: 12 rounds, warm-up 1 round). Both in bf16 (``--set`` changes any key of every
+run). ``--glue`` is a folder holding the GLUE task folders MRPC, SST-2, CoLA, STS-B in the TSV layout.
+Runs go through ``colora compare`` into ``--out``: an interrupted benchmark resumes where it stopped,
+and ``--jobs`` runs several at once.
 
 A seed "left the plateau" when its final dev metric clears what a model that ignores its input gets:
 accuracy at least 3 points above the majority class (MRPC, SST-2), Matthews correlation >= 0.1
@@ -35,7 +36,7 @@ from colora.config import read_yaml  # noqa: E402
 TASKS = {"mrpc": ("MRPC", "eval/accuracy"), "sst2": ("SST-2", "eval/accuracy"), "cola": ("CoLA", "eval/mcc"),
          "stsb": ("STS-B", "eval/pearson")}
 FEDAVG = {"algorithm": "fedavg", "clients.num": 10, "clients.per_round": 2, "clients.partition": "iid",
-          "train.local_steps": 25, "rounds": 12, "train.warmup_rounds": 1}
+          "train.local_steps": 25}
 QUICK = {"model.name": "tiny-bert", "rounds": 2, "train.local_steps": 2, "data.max_train": 400, "data.max_eval": 64,
          "eval.every": 1, "train.warmup_rounds": 1}
 
@@ -47,9 +48,18 @@ def bar(task: str, majority: float | None) -> float:
 
 def run_task(task: str, sets: dict, seeds: list[int], out: Path, jobs: int, quick: bool):
     base_path = ROOT / "examples" / "glue" / f"{task}.yaml"
-    fedavg = {**FEDAVG, **({"rounds": 2, "train.local_steps": 2} if quick else {})}
+    base = read_yaml(base_path, "base config")
+    fedavg = {**FEDAVG, **equal_samples(base), **({"rounds": 2, "train.local_steps": 2, "train.warmup_rounds": 1} if quick else {})}
     runs = [{"name": f"{task}-central"}, {"name": f"{task}-fedavg", **fedavg}]
-    return run_sweep_folder(base_path, runs, sets, seeds, out / task, jobs), read_yaml(base_path, "base config")
+    return run_sweep_folder(base_path, runs, sets, seeds, out / task, jobs), base
+
+
+def equal_samples(base: dict) -> dict:
+    """fedavg rounds that train as many samples as the central run (2 clients x 25 steps a round),
+    with the same 10% warm-up (at least one round)."""
+    steps = base["rounds"] * base["train"]["local_steps"]
+    rounds = steps // (FEDAVG["clients.per_round"] * FEDAVG["train.local_steps"])
+    return {"rounds": rounds, "train.warmup_rounds": max(1, rounds // 10)}
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import save_file
 
 from .config import ColoraError, ModelConfig
@@ -36,14 +37,20 @@ def attach_lora(model: torch.nn.Module, cfg: ModelConfig, seed: int, rank: int |
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type=task_type,
-        modules_to_save=head_module_names(model) if cfg.task == "seq-cls" else None,
+        modules_to_save=(head_module_names(model) if cfg.task == "seq-cls" else []) + lora.modules_to_save or None,
         fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in x out)
     )
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, peft_cfg)
+        peft_model = get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ColoraError(f"model.lora.target_modules={lora.target_modules}: {str(exc).splitlines()[0]}") from None
+    saved = {name.rsplit(".", 1)[-1] for name, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    for name in lora.modules_to_save:
+        if name.rsplit(".", 1)[-1] not in saved:  # peft ignores a name that matches nothing
+            raise ColoraError(f"model.lora.modules_to_save: {type(model).__name__} has no module named {name!r}; "
+                              f"name a module of the model (e.g. pooler) or drop it")
+    return peft_model
 
 
 def _state_key(param_name: str, adapter: str = "default") -> str:

@@ -145,6 +145,14 @@ class LoraConfig(_Strict):
     target_modules: list[str] | None = None
     """Names of the linear modules that get LoRA; null = the model family's default (BERT: query, value;
     GPT-2: c_attn; LLaMA: q_proj, v_proj)."""
+    modules_to_save: list[str] = []
+    """Modules trained in full beside the LoRA factors and the task head, and shared like them (peft's
+    ``modules_to_save``; the task head is always trained). ``[pooler]`` trains a BERT-family encoder's
+    pooler, which all-MiniLM-L6-v2 (``minilm-l6``) ships untrained (random weights, zero bias: it was
+    trained with mean pooling) and which otherwise stays frozen between the [CLS] state and the head;
+    the GLUE examples for STS-B and CoLA set it. A LoRA target inside such a module trains in full instead
+    (peft injects no LoRA there). Costs the module's full size on the wire each way
+    (MiniLM's pooler: 147,840 floats, 2x the q/v r=8 adapter) and 16 bytes a parameter of training memory."""
 
 
 class ModelConfig(_Strict):

@@ -62,7 +62,7 @@ def _linear_weight(module: torch.nn.Module) -> torch.Tensor | None:
 def quantize_base(model: torch.nn.Module, mode: str, keep: list[str] | tuple[str, ...] = ()) -> torch.nn.Module:
     """Replace the frozen linear layers of ``model`` by int8 or NF4 bitsandbytes layers, in place.
 
-    ``keep`` names top-level modules left in full precision (the task head). ``mode == "none"``
+    ``keep`` names modules left in full precision, with everything inside them (the task head, modules trained in full). ``mode == "none"``
     returns the model untouched. Call before attaching LoRA.
     """
     if mode == "none":
@@ -72,7 +72,7 @@ def quantize_base(model: torch.nn.Module, mode: str, keep: list[str] | tuple[str
     bnb = _bnb()
     skip = set(keep) | set(_KEEP_ALWAYS)
     targets = [(name, mod) for name, mod in model.named_modules()
-               if name and name.split(".")[0] not in skip and name.rsplit(".", 1)[-1] not in skip
+               if name and not skip & set(name.split("."))
                and _linear_weight(mod) is not None]
     for name, mod in targets:
         weight = _linear_weight(mod)

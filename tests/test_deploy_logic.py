@@ -112,7 +112,7 @@ CASES = {  # every paradigm that deploys, with the state a client's task must ca
     "fedavg-dirichlet": dict(clients__partition="dirichlet", clients__alpha=0.5),
     "fedavg-fedit-fedadam-prox": dict(federation__server_optimizer="fedadam", federation__server_lr=0.01, train__prox_mu=0.1),
     "fedavg-zero_pad-mixed-keep": dict(federation__aggregator="zero_pad", **MIXED, **ADAMW_KEEP),
-    "fedavg-svd-mixed": dict(federation__aggregator="svd", **MIXED),
+    "fedavg-svd-mixed-pooler": dict(federation__aggregator="svd", **MIXED, model__lora__modules_to_save=["pooler"]),
     "fedavg-stack-mixed": dict(federation__aggregator="stack", **MIXED),
     "fedavg-hlora": dict(federation__aggregator="hlora"),
     "fedavg-hafl-freeze-mixed": dict(federation__aggregator="hafl", federation__hafl_mode="freeze", **MIXED),

@@ -30,23 +30,24 @@ MIXED = dict(federation__ranks=[2, 4, 8, 4])
 
 # One run per row covers each paradigm and the state a client's task must carry: kept optimizer
 # moments, FedProx anchors, mixed ranks through every aggregator, FLoRA's merged base, server
-# optimizers, split both server modes and U-shaped, compressed time-varying gossip.
+# optimizers, split both server modes and U-shaped, compressed time-varying gossip, a pooler trained in full.
 CASES = {
     "central": dict(algorithm="central", **ADAMW_KEEP),
     "fedavg-fedit-fedadam-prox": dict(federation__server_optimizer="fedadam", federation__server_lr=0.01, train__prox_mu=0.1),
     "fedavg-product": dict(federation__aggregator="product"),
     "fedavg-zero_pad-mixed-keep": dict(federation__aggregator="zero_pad", **MIXED, **ADAMW_KEEP),
-    "fedavg-svd-mixed": dict(federation__aggregator="svd", **MIXED),
+    "fedavg-svd-mixed-pooler": dict(federation__aggregator="svd", **MIXED, model__lora__modules_to_save=["pooler"]),
     "fedavg-stack-mixed": dict(federation__aggregator="stack", **MIXED),
     "fedavg-hlora": dict(federation__aggregator="hlora"),  # HLoRA assigns the ranks itself (by data size)
     "sl-u_shaped": dict(algorithm="sl", split__layer=2, split__u_shaped=True),
     "splitlora-shared-keep": dict(algorithm="splitlora", split__layer=1, split__aggregate_every=1, **ADAMW_KEEP),
     "splitlora-per_client-u_shaped-mixed": dict(algorithm="splitlora", split__layer=2, split__server="per_client",
-                                                 split__u_shaped=True, federation__aggregator="svd", **MIXED),
+                                                 split__u_shaped=True, federation__aggregator="svd", **MIXED,
+                                                 model__lora__modules_to_save=["pooler"]),
     "declora-choco-time_varying": dict(algorithm="declora", gossip__topology="ring", gossip__time_varying=True,
                                         gossip__quantize_bits=4, **ADAMW_KEEP),
 }
-RAY_CASES = ["central", "fedavg-svd-mixed", "fedavg-stack-mixed", "sl-u_shaped", "splitlora-per_client-u_shaped-mixed",
+RAY_CASES = ["central", "fedavg-svd-mixed-pooler", "fedavg-stack-mixed", "sl-u_shaped", "splitlora-per_client-u_shaped-mixed",
              "declora-choco-time_varying"]
 
 
@@ -114,8 +115,8 @@ def test_a_killed_worker_is_restarted_and_changes_nothing(tmp_path, capsys):
     """Kill -9 a worker between rounds and one in the middle of a split conversation (after the
     server answered it): the work is rerun, the server part replayed from its transcript, and the
     run equals the in-process one."""
-    cfg = _cfg("fedavg-svd-mixed", kind="workers", workers=2)
-    with Engine(tiny_config(**SMALL, **CASES["fedavg-svd-mixed"])) as ref, Engine(cfg) as eng:
+    cfg = _cfg("fedavg-svd-mixed-pooler", kind="workers", workers=2)
+    with Engine(tiny_config(**SMALL, **CASES["fedavg-svd-mixed-pooler"])) as ref, Engine(cfg) as eng:
         for rnd in (1, 2):
             ref.algorithm.run_round(rnd)
             eng.algorithm.run_round(rnd)
@@ -181,7 +182,7 @@ def test_ray_on_a_two_node_cluster_equals_inprocess(tmp_path, reference, ray_clu
 
 
 def test_ray_actors_spread_over_both_nodes_and_a_killed_actor_changes_nothing(ray_cluster, capsys):
-    case = "fedavg-svd-mixed"
+    case = "fedavg-svd-mixed-pooler"
     with Engine(tiny_config(**SMALL, **CASES[case])) as ref, \
             Engine(_cfg(case, kind="ray", workers=2, address=ray_cluster.address)) as eng:
         for rnd in (1, 2):

@@ -56,7 +56,8 @@ def _assert_same(seq, fused, tasks, tol=1e-5):
 
 TRAINER_CASES = {
     "tiny-bert": {},
-    "mixed-ranks": dict(federation__aggregator="zero_pad", federation__ranks=[2, 4, 8, 4]),
+    "mixed-ranks-pooler": dict(federation__aggregator="zero_pad", federation__ranks=[2, 4, 8, 4],
+                               model__lora__modules_to_save=["pooler"]),
     "bf16": dict(train__precision="bf16"),
     "sgd-clip": dict(train__optimizer="sgd", train__max_grad_norm=1.0, train__prox_mu=0.5),
     "tiny-gpt2": dict(model__name="tiny-gpt2"),
@@ -113,7 +114,8 @@ RUN_CASES = {
     "fedavg-hlora": dict(federation__aggregator="hlora"),
     "declora-choco": dict(algorithm="declora", gossip__topology="ring", gossip__quantize_bits=4),
     # split: the clients' parts fused, and the per-client server copies fused
-    "splitlora-per_client": dict(algorithm="splitlora", split__layer=2, split__server="per_client"),
+    "splitlora-per_client-pooler": dict(algorithm="splitlora", split__layer=2, split__server="per_client",
+                                        model__lora__modules_to_save=["pooler"]),
     "splitlora-per_client-u_shaped-mixed-keep": dict(
         algorithm="splitlora", split__layer=2, split__server="per_client", split__u_shaped=True,
         federation__aggregator="svd", federation__ranks=[2, 4, 8, 4], train__optimizer="adamw", train__client_optimizer="keep"),

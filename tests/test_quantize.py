@@ -39,12 +39,14 @@ def test_quantized_base_gets_peft_bitsandbytes_lora_layers_and_trains(tmp_path, 
     from colora.experiment import run_experiment
 
     over = dict(algorithm="declora", model__quantize=mode, rounds=2, train__local_steps=2, train__lr=0.02,
-                data__synthetic_train=90, data__synthetic_eval=32, data__max_length=32)
+                data__synthetic_train=90, data__synthetic_eval=32, data__max_length=32, model__lora__modules_to_save=["pooler"])
     engine = InProcessEngine(tiny_config(**over))
     lora_layers = {type(m).__name__ for m in engine.model.modules() if hasattr(m, "lora_A")}
     assert lora_layers == {layer}  # peft's QLoRA layers, not a plain Linear around a quantized weight
     head = engine.model.base_model.model.classifier
     assert head.modules_to_save["default"].weight.dtype == torch.float32  # the head trains in fp32
+    pooler = engine.model.base_model.model.bert.pooler.modules_to_save["default"].dense
+    assert type(pooler) is torch.nn.Linear and pooler.weight.dtype == torch.float32  # so does a module trained in full
     rows = read_rows(run_experiment(tiny_config(**over), out=str(tmp_path / mode)))
     assert all(math.isfinite(r["eval/loss"]) for r in rows)
     assert abs(rows[-1]["eval/loss"] - rows[0]["eval/loss"]) > 1e-5
