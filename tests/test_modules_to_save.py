@@ -52,3 +52,14 @@ def test_a_module_the_model_lacks_exits_2(tmp_path, capsys):
     raw, _ = tiny_raw()
     err = cli_error(tmp_path, capsys, raw, ["model.lora.modules_to_save=[poolr]"])
     assert "model.lora.modules_to_save" in err and "'poolr'" in err
+
+
+def test_lora_on_the_pooler_is_the_cheap_alternative():
+    """``pooler.dense`` in target_modules (peft matches the name's suffix): the pooler gets a LoRA
+    pair that trains and travels like every other, and nothing of it in full."""
+    cfg = tiny_config(**{**SMALL, "model__lora__modules_to_save": [],
+                         "model__lora__target_modules": ["query", "value", "pooler.dense"]})
+    seen, globals_, _, _ = spy_rounds(cfg, 1)
+    keys = sorted(k for k in globals_[0] if "pooler" in k)
+    assert keys == ["base_model.model.bert.pooler.dense.lora_A.weight", "base_model.model.bert.pooler.dense.lora_B.weight"]
+    assert globals_[1][keys[1]].abs().max() > 1e-4  # B left its zero init
