@@ -62,8 +62,9 @@ def _linear_weight(module: torch.nn.Module) -> torch.Tensor | None:
 def quantize_base(model: torch.nn.Module, mode: str, keep: list[str] | tuple[str, ...] = ()) -> torch.nn.Module:
     """Replace the frozen linear layers of ``model`` by int8 or NF4 bitsandbytes layers, in place.
 
-    ``keep`` names modules left in full precision, with everything inside them (the task head, modules trained in full). ``mode == "none"``
-    returns the model untouched. Call before attaching LoRA.
+    ``keep`` names modules (a path component: ``pooler`` keeps ``bert.pooler``) left in full precision
+    with everything inside them: the task head, modules trained in full. ``mode == "none"`` returns the
+    model untouched. Call before attaching LoRA.
     """
     if mode == "none":
         return model

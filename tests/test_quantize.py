@@ -39,7 +39,7 @@ def test_quantized_base_gets_peft_bitsandbytes_lora_layers_and_trains(tmp_path, 
     from colora.experiment import run_experiment
 
     over = dict(algorithm="declora", model__quantize=mode, rounds=2, train__local_steps=2, train__lr=0.02,
-                data__synthetic_train=90, data__synthetic_eval=32, data__max_length=32, model__lora__modules_to_save=["pooler"])
+                data__synthetic_train=90, data__synthetic_eval=32, data__max_length=32, model__lora__modules_to_save=["bert.pooler"])
     engine = InProcessEngine(tiny_config(**over))
     lora_layers = {type(m).__name__ for m in engine.model.modules() if hasattr(m, "lora_A")}
     assert lora_layers == {layer}  # peft's QLoRA layers, not a plain Linear around a quantized weight
