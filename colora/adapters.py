@@ -45,9 +45,9 @@ def attach_lora(model: torch.nn.Module, cfg: ModelConfig, seed: int, rank: int |
         peft_model = get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ColoraError(f"model.lora.target_modules={lora.target_modules}: {str(exc).splitlines()[0]}") from None
-    saved = {name.rsplit(".", 1)[-1] for name, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    saved = [f".{path}" for path, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     for name in lora.modules_to_save:
-        if name.rsplit(".", 1)[-1] not in saved:  # peft ignores a name that matches nothing
+        if not any(path.endswith(f".{name}") for path in saved):  # peft ignores a name that matches nothing
             raise ColoraError(f"model.lora.modules_to_save: {type(model).__name__} has no module named {name!r}; "
                               f"name a module of the model (e.g. pooler) or drop it")
     return peft_model

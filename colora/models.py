@@ -162,9 +162,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, tokenizer, seed: int = 0)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
-    # quantize_base matches path components: "bert.pooler" in modules_to_save keeps "pooler"
-    kept = head_module_names(model) + [name.rsplit(".", 1)[-1] for name in cfg.lora.modules_to_save]
-    return quantize_base(model, cfg.quantize, keep=kept)
+    return quantize_base(model, cfg.quantize, keep=head_module_names(model) + cfg.lora.modules_to_save)
 
 
 def base_model_skeleton(cfg: ModelConfig, num_labels: int, tokenizer) -> torch.nn.Module:

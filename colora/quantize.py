@@ -62,8 +62,8 @@ def _linear_weight(module: torch.nn.Module) -> torch.Tensor | None:
 def quantize_base(model: torch.nn.Module, mode: str, keep: list[str] | tuple[str, ...] = ()) -> torch.nn.Module:
     """Replace the frozen linear layers of ``model`` by int8 or NF4 bitsandbytes layers, in place.
 
-    ``keep`` names modules (a path component: ``pooler`` keeps ``bert.pooler``) left in full precision
-    with everything inside them: the task head, modules trained in full. ``mode == "none"`` returns the
+    ``keep`` names modules left in full precision with everything inside them (the task head, modules
+    trained in full), as whole path components: ``pooler`` and ``bert.pooler`` both keep ``bert.pooler``. ``mode == "none"`` returns the
     model untouched. Call before attaching LoRA.
     """
     if mode == "none":
@@ -73,7 +73,7 @@ def quantize_base(model: torch.nn.Module, mode: str, keep: list[str] | tuple[str
     bnb = _bnb()
     skip = set(keep) | set(_KEEP_ALWAYS)
     targets = [(name, mod) for name, mod in model.named_modules()
-               if name and not skip & set(name.split("."))
+               if name and not any(f".{k}." in f".{name}." for k in skip)
                and _linear_weight(mod) is not None]
     for name, mod in targets:
         weight = _linear_weight(mod)
