@@ -13,7 +13,7 @@ informative number. Runs go through ``colora compare`` into ``--out``: an interr
 resumes where it stopped, ``--jobs`` runs several at once, ``--set KEY=VALUE`` changes every run
 (more rounds, another model on a GPU: the same command).
 
-- sst2 (seeds 0-4): fedit (the baseline), LoRA-FAIR, SCAFFOLD, FFA-LoRA, RoLoRA, FedSA-LoRA, and central
+- sst2 (seeds 0-4): fedit (the baseline), fedit with LoRA on the pooler, LoRA-FAIR, SCAFFOLD, FFA-LoRA, RoLoRA, FedSA-LoRA, and central
   LoRA at equal samples (10 x 10 steps a round on the pooled data). Reports mean ± std, the paired
   difference against fedit, the seeds that end predicting one class, and the share of fedit's gap
   to central each method closes. Targets: the best method ends no seed at one class and closes at
@@ -21,6 +21,10 @@ resumes where it stopped, ``--jobs`` runs several at once, ``--set KEY=VALUE`` c
 - ranks (same seeds): mixed ranks 2/4/8 over the clients: zero_pad (the baseline), svd, raFLoRA
   (svd + rank_partitioned), HAFL truncate and HAFL freeze.
 - mrpc (seeds 0-2): the same split on MRPC for fedit and the two best methods of the sst2 section.
+
+Each seed of a section is its own sweep folder (``--out``/<section>/seed-<s>), run whole before the
+next seed starts, so a benchmark stopped part way has complete paired seeds to report
+(``--seeds 0,1`` reports those; the full command later keeps them).
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ from colora.report import main_metric  # noqa: E402
 BASE = ROOT / "examples" / "sst2_noniid.yaml"
 METHODS = {
     "fedit": {},
+    # not a peer method: fedit with LoRA on MiniLM's untrained pooler (README "Learning at every
+    # seed": the frozen pooler held STS-B and CoLA on the plateau); 6,144 more floats each way
+    "fedit_pooler": {"model.lora.target_modules": ["query", "value", "pooler.dense"]},
     "lora_fair": {"federation.aggregator": "lora_fair"},
     "scaffold": {"train.correction": "scaffold"},
     "ffa": {"federation.lora_mode": "ffa"},
@@ -71,12 +78,12 @@ def ranks_for(num: int) -> list[int]:
 
 
 def section(name: str, methods: dict, sets: dict, seeds: list[int], out: Path, jobs: int) -> dict[str, list]:
-    """Each method's runs, by method name, in seed order (a sweep runs its entries in order, each
-    once per seed)."""
+    """Each method's runs, by method name, in seed order. Seed by seed, each seed in its own sweep
+    folder (``out/<section>/seed-<s>``): an interrupted benchmark has whole paired seeds done, and a
+    later call with more seeds keeps them."""
     runs = [{"name": method, **over} for method, over in methods.items()]
-    done = run_sweep_folder(BASE, runs, sets, seeds, out / name, jobs)
-    n = len(seeds)
-    return {method: done[i * n:(i + 1) * n] for i, method in enumerate(methods)}
+    by_seed = [run_sweep_folder(BASE, runs, sets, [seed], out / name / f"seed-{seed}", jobs) for seed in seeds]
+    return {method: [done[i] for done in by_seed] for i, method in enumerate(methods)}
 
 
 def report(title: str, groups: dict[str, list], baseline: str, shares: list[float], reference: str | None = None) -> list[str]:
@@ -119,7 +126,7 @@ def main() -> None:
     shares = class_shares(base, sets)
     best = ["lora_fair", "scaffold"]
     if "sst2" in sections:
-        methods = {**METHODS, "central": central_at_equal_samples(base, sets)}
+        methods = {"fedit": METHODS["fedit"], "central": central_at_equal_samples(base, sets), **METHODS}
         best = report("SST-2, 20 Dirichlet(0.5) clients, 10 a round", section("sst2", methods, sets, seeds, out, args.jobs),
                       "fedit", shares, reference="central")[:2]
     if "ranks" in sections:
