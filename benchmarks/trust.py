@@ -5,7 +5,7 @@
     python benchmarks/trust.py --data DIR --quick                                     # a smoke size
 
 Base: ``examples/sst2_noniid.yaml`` (MiniLM-L6 + LoRA r=8, 20 Dirichlet(0.5) clients, 10 a round,
-30 rounds x 10 local steps, bf16), seeds 0, 1, 2 (``--seeds``). Runs go through ``colora compare``
+30 rounds x 10 local steps, lr 1e-3 with 3 warm-up rounds and linear decay, bf16), seeds 0, 1, 2 (``--seeds``). Runs go through ``colora compare``
 into ``--out``: an interrupted benchmark resumes where it stopped, and ``--jobs`` runs several at
 once. ``--set KEY=VALUE`` overrides every run (more rounds, another model on a GPU, ...).
 
