@@ -5,8 +5,9 @@
     python benchmarks/peers.py --glue DIR --quick                                   # a smoke size
 
 Base: ``examples/sst2_noniid.yaml`` (MiniLM-L6 + LoRA r=8, 20 Dirichlet(0.5) clients, 10 a round,
-30 rounds x 10 local steps, lr 1e-3 with 3 warm-up rounds and linear decay, bf16), every run holding out the same 10% of each client's data
-(``eval.client_holdout``, so FedSA-LoRA's personal models are scored like the rest). Seeds are
+30 rounds x 10 local steps, lr 1e-3 with 3 warm-up rounds and linear decay, bf16), every run
+holding out the same 10% of each client's data (``eval.client_holdout``, so FedSA-LoRA's personal
+models are scored like the rest). Seeds are
 paired: a seed fixes the partition, the sampled clients, the batches and the initial adapter for
 every method (common random numbers), so the per-seed difference against the baseline is the
 informative number. Runs go through ``colora compare`` into ``--out``: an interrupted benchmark

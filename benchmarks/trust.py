@@ -5,9 +5,10 @@
     python benchmarks/trust.py --data DIR --quick                                     # a smoke size
 
 Base: ``examples/sst2_noniid.yaml`` (MiniLM-L6 + LoRA r=8, 20 Dirichlet(0.5) clients, 10 a round,
-30 rounds x 10 local steps, lr 1e-3 with 3 warm-up rounds and linear decay, bf16), seeds 0, 1, 2 (``--seeds``). Runs go through ``colora compare``
-into ``--out``: an interrupted benchmark resumes where it stopped, and ``--jobs`` runs several at
-once. ``--set KEY=VALUE`` overrides every run (more rounds, another model on a GPU, ...).
+30 rounds x 10 local steps, lr 1e-3 with 3 warm-up rounds and linear decay, bf16), seeds 0, 1, 2
+(``--seeds``). Runs go through ``colora compare`` into ``--out``: an interrupted benchmark resumes
+where it stopped, and ``--jobs`` runs several at once. ``--set KEY=VALUE`` overrides every run (more
+rounds, another model on a GPU, ...).
 
 - attacks: clean fedavg; 20% sign-flip attackers (``clients.byzantine``) against plain fedavg and
   each robust rule (median, trimmed_mean, krum, multi_krum with robust_f = 2, norm_clip); and each
