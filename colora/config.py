@@ -274,8 +274,10 @@ class TrainConfig(_Strict):
     state the client's round began from (fedavg, declora; refused by sl and splitlora); 0 = off."""
     correction: Literal["none", "scaffold"] = "none"
     """Client-drift correction (fedavg, equal ranks, ``aggregator: fedit``): ``scaffold`` (Karimireddy et al.
-    2020) adds c - c_k (server and client control variates over the adapter) to every local gradient;
-    each round's c (down) and Δc_k (up) are counted as bytes; the variates checkpoint with the run."""
+    2020, option II) moves every local step by -lr (c - c_k), c and c_k being the server's and the
+    client's control variates over the adapter, measured as mean step directions (x - y) / (K lr):
+    with ``sgd`` that is the paper's gradient correction; with ``adamw`` it stays in AdamW's update
+    units. Each round's c (down) and Δc_k (up) are counted as bytes; the variates checkpoint with the run."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """``bf16``: forward and backward under torch.autocast (matmuls in bfloat16, ~1.8x faster per step on
     CPUs with AVX512-BF16, half the activation memory); parameters, optimizer moments, aggregation

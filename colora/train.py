@@ -147,15 +147,23 @@ def local_optimizer(cfg: TrainConfig, params: list[torch.Tensor], lr: float) -> 
 
 def clip_and_step(cfg: TrainConfig, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
                   correction: AdapterState | None = None) -> None:
-    """One optimizer step from the gradients: clipped to ``train.max_grad_norm``, then SCAFFOLD's
-    ``correction`` (c - c_k) added."""
+    """One optimizer step from the gradients, clipped to ``train.max_grad_norm``; then SCAFFOLD's
+    ``correction`` (c - c_k) moves the parameters by -lr (c - c_k).
+
+    The correction acts on the step, not on the gradient: option II measures the control variates as
+    (x - y) / (K lr), the mean step direction, which for AdamW is in the optimizer's normalised units
+    (~1 a coordinate) while LoRA gradients here are ~1e-5..1e-1; added to the gradient it swamped
+    them and AdamW followed the correction alone. For plain SGD (no momentum) both forms are the
+    same step, lr (g + c - c_k)."""
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-    if correction is not None:
-        for k, p in params.items():
-            p.grad.add_(correction[k])
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if correction is not None:
+        lr = opt.param_groups[0]["lr"]
+        with torch.no_grad():
+            for k, p in params.items():
+                p.add_(correction[k], alpha=-lr)
 
 
 class Components:

@@ -14,6 +14,7 @@ from colora.config import ConfigError
 from colora.engines import Engine
 from colora.experiment import run_experiment
 from colora.states import lora_pairs, payload_nbytes
+from colora.train import clip_and_step
 from colora.types import ClientResult
 
 from .conftest import read_rows, spy_rounds, tiny_config
@@ -95,6 +96,27 @@ def test_scaffold_control_variates_by_hand():
     sc.update(results, {0: x}, lr=0.1)
     torch.testing.assert_close(sc.clients[0]["w"], torch.tensor([1.0, -1.0]) - c_before)
     torch.testing.assert_close(sc.c["w"], c_before - c_before / cfg.clients.num)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_scaffold_correction_moves_the_step_not_the_optimizers_gradient(optimizer):
+    """The step is the optimizer's own on the data gradient, then -lr (c - c_k): AdamW's moments see
+    only the gradient (its first moment is (1 - beta1) g), and for SGD this is the paper's
+    lr (g + c - c_k) exactly. The units match what option II measures, (x - y) / (K lr)."""
+    cfg = tiny_config(train__optimizer=optimizer, train__weight_decay=0.01).train
+    g, d, lr = torch.tensor([1e-4, -2e-4, 3e-5]), torch.tensor([0.5, -0.25, 1.0]), 0.1
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, -1.0]))
+    ref = torch.nn.Parameter(w.detach().clone())
+    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+    opt, ref_opt = cls([w], lr=lr, weight_decay=0.01), cls([ref], lr=lr, weight_decay=0.01)
+    w.grad, ref.grad = g.clone(), g.clone()
+    clip_and_step(cfg, {"w": w}, opt, {"w": d})
+    ref_opt.step()
+    torch.testing.assert_close(w.detach(), ref.detach() - lr * d)
+    if optimizer == "adamw":
+        torch.testing.assert_close(opt.state[w]["exp_avg"], 0.1 * g)
+    else:  # plain SGD: the same as the gradient form
+        torch.testing.assert_close(w.detach(), torch.tensor([1.0, 2.0, -1.0]) * (1 - lr * 0.01) - lr * (g + d))
 
 
 def test_scaffold_corrects_every_step_and_counts_its_bytes():

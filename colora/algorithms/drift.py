@@ -57,8 +57,9 @@ def nbytes(state: AdapterState, keys: list[str]) -> int:
 
 class Scaffold:
     """SCAFFOLD's control variates over the adapter (Karimireddy et al. 2020, option II): the
-    server's c and each client's c_k, zero at the start. A client's local gradient gets c - c_k
-    added; after it trains K steps at learning rate lr from x to y_k, c_k+ = c_k - c + (x - y_k) / (K lr),
+    server's c and each client's c_k, zero at the start. Every local step of a client moves it by
+    -lr (c - c_k) besides the optimizer's own step (colora.train.clip_and_step; with SGD, the paper's
+    c - c_k added to the gradient); after K steps at learning rate lr from x to y_k, c_k+ = c_k - c + (x - y_k) / (K lr),
     and c grows by the sum of the clients' changes over the number of clients. Bytes: c down and
     Δc_k up, one adapter each."""
 
