@@ -7,17 +7,16 @@
 Base: ``examples/sst2_noniid.yaml`` (MiniLM-L6 + LoRA r=8, 20 Dirichlet(0.5) clients, 10 a round,
 30 rounds x 10 local steps, lr 1e-3 with 3 warm-up rounds and linear decay, bf16), every run
 holding out the same 10% of each client's data (``eval.client_holdout``, so FedSA-LoRA's personal
-models are scored like the rest). Seeds are
-paired: a seed fixes the partition, the sampled clients, the batches and the initial adapter for
-every method (common random numbers), so the per-seed difference against the baseline is the
-informative number. Runs go through ``colora compare`` into ``--out``: an interrupted benchmark
+models are scored like the rest). Seeds are paired: a seed fixes the partition, the sampled
+clients, the batches and the initial adapter for every method (common random numbers), so the
+per-seed difference against the baseline is the informative number. Runs go through ``colora compare`` into ``--out``: an interrupted benchmark
 resumes where it stopped, ``--jobs`` runs several at once, ``--set KEY=VALUE`` changes every run
 (more rounds, another model on a GPU: the same command).
 
-- sst2 (seeds 0-4): fedit (the baseline), fedit with LoRA on the pooler, LoRA-FAIR, SCAFFOLD, FFA-LoRA, RoLoRA, FedSA-LoRA, and central
-  LoRA at equal samples (10 x 10 steps a round on the pooled data). Reports mean ± std, the paired
-  difference against fedit, the seeds that end predicting one class, and the share of fedit's gap
-  to central each method closes. Targets: the best method ends no seed at one class and closes at
+- sst2 (seeds 0-4): fedit (the baseline), fedit with LoRA on the pooler, LoRA-FAIR, SCAFFOLD,
+  FFA-LoRA, RoLoRA, FedSA-LoRA, and central LoRA at equal samples (10 x 10 steps a round on the
+  pooled data). Reports mean ± std, the paired difference against fedit, the seeds that end
+  predicting one class, and the share of fedit's gap to central each method closes. Targets: the best method ends no seed at one class and closes at
   least half the gap.
 - ranks (same seeds): mixed ranks 2/4/8 over the clients: zero_pad (the baseline), svd, raFLoRA
   (svd + rank_partitioned), HAFL truncate and HAFL freeze.

@@ -5,7 +5,6 @@ of them predicts that class for every example)."""
 from __future__ import annotations
 
 import tempfile
-import warnings
 from pathlib import Path
 
 import yaml
@@ -14,10 +13,6 @@ from colora.compare import check_sweep, load_sweep, run_sweep
 from colora.config import build_config
 from colora.engines import Engine
 from colora.report import Run, load_run
-
-# as in colora's CLI: peft calls a transformers API that transformers deprecates (a warning per
-# Engine that check_sweep builds, nothing a user can act on)
-warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 def run_sweep_folder(base: Path, runs: list[dict], sets: dict, seeds: list[int], folder: Path, jobs: int) -> list[Run]:

@@ -9,6 +9,7 @@ checkpoints adapters works on these dicts, matched by key, never by position.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,7 +43,9 @@ def attach_lora(model: torch.nn.Module, cfg: ModelConfig, seed: int, rank: int |
     )
     torch.manual_seed(seed)
     try:
-        peft_model = get_peft_model(model, peft_cfg)
+        with warnings.catch_warnings():  # peft reads a property transformers deprecates: nothing a user can act on
+            warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+            peft_model = get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ColoraError(f"model.lora.target_modules={lora.target_modules}: {str(exc).splitlines()[0]}") from None
     saved = [f".{path}" for path, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
