@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import resource
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -287,6 +289,39 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def software() -> dict:
+    """What produced a result (summary.json's ``software``): Python, the libraries that decide the
+    numbers, colora's version and, when colora runs from a git checkout, its commit (``+dirty``
+    when tracked files differ from it), so a recorded benchmark says which code it measured."""
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {"colora": __version__, "commit": _source_commit(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _source_commit() -> str | None:
+    """The commit of the checkout colora's source lies in (None outside one, or without git): only
+    when the package's parent folder is the checkout's top, so an installed copy that merely sits
+    inside some repository (a venv in a project) is not credited with that project's commit."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:
+        return None
+    head, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return None if head is None else head + ("+dirty" if changed else "")
+
+
 def summarize(cfg: Config, rows: list[dict], main_metric: str, counters: dict, extra: dict | None = None) -> dict:
     """summary.json: last eval row's metrics, the best row by the main metric, totals, plus
     ``extra`` (algorithm-specific sections; a contract key of the same name wins)."""
@@ -305,5 +340,6 @@ def summarize(cfg: Config, rows: list[dict], main_metric: str, counters: dict, e
         "sim_time_s": counters["sim_time_s"],
         "wall_time_s": counters["wall_time_s"],
         "peak_rss_mb": peak_rss_mb(),
+        "software": software(),
     }
     return {**summary, **{k: v for k, v in (extra or {}).items() if k not in summary}}

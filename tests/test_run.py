@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import torch
 import yaml
 from peft import PeftModel
 
+import colora
 from colora.cli import main
 from colora.config import build_config
 from colora.engines import InProcessEngine
@@ -42,11 +45,35 @@ def test_cli_run_writes_the_contract_run_directory(tmp_path, capsys):
     assert summary["final"]["eval/accuracy"] == rows[-1]["eval/accuracy"]
     assert summary["best"]["eval/accuracy"] == max(r["eval/accuracy"] for r in rows)
     assert summary["bytes_up"] == rows[-1]["bytes_up"] and summary["peak_rss_mb"] > 0
+    assert summary["software"]["torch"] == torch.__version__ and summary["software"]["commit"] == _checkout_commit()
     part = json.loads((out / "partition.json").read_text())
     assert sum(part["sizes"]) == 240 and [sum(h) for h in part["histogram"]] == part["sizes"]
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "index.html").is_file()
+
+
+def _checkout_commit():
+    """HEAD (+dirty) of the checkout these tests' colora comes from, asked of git here; None outside one."""
+    root = Path(colora.__file__).resolve().parent.parent
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True)  # noqa: E731
+    top = git("rev-parse", "--show-toplevel")
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return git("rev-parse", "HEAD").stdout.strip() + ("+dirty" if dirty else "")
+
+
+def test_software_names_no_commit_for_a_copy_outside_its_own_checkout(tmp_path, monkeypatch):
+    # an installed copy inside another project's repository (a venv in a project) must not be
+    # credited with that project's commit
+    import colora.rundir as rundir
+
+    outer = tmp_path / "project"
+    (outer / "venv" / "colora").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    monkeypatch.setattr(rundir, "__file__", str(outer / "venv" / "colora" / "rundir.py"))
+    assert rundir._source_commit() is None
 
 
 def test_bytes_are_the_serialized_adapter_payloads(tmp_path):
