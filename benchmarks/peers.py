@@ -3,6 +3,8 @@
     python benchmarks/peers.py --glue ../shared/data/glue --jobs 2                 # every section
     python benchmarks/peers.py --glue DIR --sections sst2 --seeds 0,1 --set rounds=10
     python benchmarks/peers.py --glue DIR --quick                                   # a smoke size
+    python benchmarks/peers.py --glue ../shared/data/glue --out benchmarks/results/peers --report-only
+                                                      # the recorded runs' tables (benchmarks/record.py)
 
 Base: ``examples/sst2_noniid.yaml`` (MiniLM-L6 + LoRA r=8, 20 Dirichlet(0.5) clients, 10 a round,
 30 rounds x 10 local steps, lr 1e-3 with 3 warm-up rounds and linear decay, bf16), every run
@@ -77,35 +79,55 @@ def ranks_for(num: int) -> list[int]:
     return [(2, 4, 8)[k % 3] for k in range(num)]
 
 
-def section(name: str, methods: dict, sets: dict, seeds: list[int], out: Path, jobs: int) -> dict[str, list]:
+def section(name: str, methods: dict, sets: dict, seeds: list[int], out: Path, jobs: int, run: bool = True) -> dict[str, list]:
     """Each method's runs, by method name, in seed order. Seed by seed, each seed in its own sweep
     folder (``out/<section>/seed-<s>``): an interrupted benchmark has whole paired seeds done, and a
-    later call with more seeds keeps them."""
+    later call with more seeds keeps them. ``run=False`` starts nothing: unfinished runs are None."""
     runs = [{"name": method, **over} for method, over in methods.items()]
-    by_seed = [run_sweep_folder(BASE, runs, sets, [seed], out / name / f"seed-{seed}", jobs) for seed in seeds]
+    by_seed = [run_sweep_folder(BASE, runs, sets, [seed], out / name / f"seed-{seed}", jobs, run) for seed in seeds]
     return {method: [done[i] for done in by_seed] for i, method in enumerate(methods)}
 
 
+def upload_per_client_round(run) -> str:
+    """Bytes a sampled client sends in a round (the run's total over its client-rounds)."""
+    per_round = run.config.get("clients", {}).get("per_round", 0)
+    rounds = run.summary.get("rounds", 0)
+    return f"{run.summary['bytes_up'] / (rounds * per_round):,.0f}" if run.summary.get("bytes_up") and rounds and per_round else "-"
+
+
 def report(title: str, groups: dict[str, list], baseline: str, shares: list[float], reference: str | None = None) -> list[str]:
-    """Print one table; return the methods (baseline and reference left out) best first by mean."""
-    metric = main_metric([r for g in groups.values() for r in g])
-    final = {m: [r.summary["final"][metric] for r in g] for m, g in groups.items()}
+    """Print one table over the finished runs (an unfinished one shows as "-" and leaves its seed out
+    of every paired number); return the methods (baseline and reference left out) best first by mean."""
+    done = [r for g in groups.values() for r in g if r is not None]
+    if not done:
+        print(f"\n{title}: no finished runs")
+        return []
+    metric = main_metric(done)
+    final = {m: [r.summary["final"][metric] if r is not None else None for r in g] for m, g in groups.items()}
+    loss = {m: [r.summary["final"].get("eval/loss") for r in g if r is not None] for m, g in groups.items()}
     base, ref = final[baseline], final.get(reference) if reference else None
-    print(f"\n{title} ({metric}, final; paired differences in points against {baseline})")
+    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+    print(f"\n{title} ({metric}, final; paired differences in points against {baseline}, over the seeds both finished)")
     print(f"{'method':<14} {'mean ± std':>16} {'per seed':>36} {'paired diff per seed':>36} {'mean diff':>9} {'one class':>9}"
-          + (f" {'gap closed':>10}" if ref else ""))
+          f" {'dev loss':>8} {'up B/client-round':>17}" + (f" {'gap closed':>10}" if ref else ""))
     for m, vals in final.items():
-        diffs = [100 * (v - b) for v, b in zip(vals, base)]
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        line = (f"{m:<14} {statistics.fmean(vals):>8.4f} ± {std:.4f} {' '.join(f'{v:.3f}' for v in vals):>36} "
-                f"{' '.join(f'{d:+.1f}' for d in diffs):>36} {statistics.fmean(diffs):>+9.2f} "
-                f"{sum(one_class(v, shares) for v in vals):>4}/{len(vals)}")
+        have = [v for v in vals if v is not None]
+        diffs = [100 * (v - b) if v is not None and b is not None else None for v, b in zip(vals, base)]
+        paired = [d for d in diffs if d is not None]
+        std = statistics.stdev(have) if len(have) > 1 else 0.0
+        first = next((r for r in groups[m] if r is not None), None)
+        line = (f"{m:<14} {mean(have):>8.4f} ± {std:.4f} {' '.join('-' if v is None else f'{v:.3f}' for v in vals):>36} "
+                f"{' '.join('-' if d is None else f'{d:+.1f}' for d in diffs):>36} {mean(paired):>+9.2f} "
+                f"{sum(one_class(v, shares) for v in have):>4}/{len(have)} {mean(loss[m]):>8.3f} "
+                f"{upload_per_client_round(first) if first else '-':>17}")
         if ref:
-            gap = statistics.fmean(ref) - statistics.fmean(base)
-            line += f" {(statistics.fmean(vals) - statistics.fmean(base)) / gap:>10.2f}" if gap > 0 else f" {'-':>10}"
+            # the share of the baseline's gap to the reference a method closes, on the seeds all three finished
+            trio = [(v, b, c) for v, b, c in zip(vals, base, ref) if None not in (v, b, c)]
+            gap = mean([c for _, _, c in trio]) - mean([b for _, b, _ in trio])
+            line += f" {(mean([v for v, _, _ in trio]) - mean([b for _, b, _ in trio])) / gap:>10.2f}" if trio and gap > 0 else f" {'-':>10}"
         print(line)
-    ranked = [m for m in final if m not in (baseline, reference)]
-    return sorted(ranked, key=lambda m: -statistics.fmean(final[m]))
+    ranked = [m for m in final if m not in (baseline, reference) and any(v is not None for v in final[m])]
+    return sorted(ranked, key=lambda m: -mean([v for v in final[m] if v is not None]))
 
 
 def main() -> None:
@@ -118,7 +140,10 @@ def main() -> None:
     p.add_argument("--mrpc-seeds", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="tiny-bert, 2 rounds: checks the pipeline, not the methods")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--report-only", action="store_true",
+                   help="start nothing: print the tables of the runs already finished in --out (e.g. benchmarks/results/peers)")
     args = p.parse_args()
+    run = not args.report_only
     sections, out, glue = args.sections.split(","), Path(args.out), Path(args.glue).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
     base = read_yaml(BASE, "base config")
@@ -127,17 +152,18 @@ def main() -> None:
     best = ["lora_fair", "scaffold"]
     if "sst2" in sections:
         methods = {"fedit": METHODS["fedit"], "central": central_at_equal_samples(base, sets), **METHODS}
-        best = report("SST-2, 20 Dirichlet(0.5) clients, 10 a round", section("sst2", methods, sets, seeds, out, args.jobs),
-                      "fedit", shares, reference="central")[:2]
+        ranked = report("SST-2, 20 Dirichlet(0.5) clients, 10 a round", section("sst2", methods, sets, seeds, out, args.jobs, run),
+                        "fedit", shares, reference="central")
+        best = list(dict.fromkeys(ranked + best))[:2]
     if "ranks" in sections:
         num = sets.get("clients.num", base["clients"]["num"])
         ranked = {**sets, "federation.ranks": ranks_for(num)}
-        report("SST-2, mixed ranks 2/4/8", section("ranks", RANKED, ranked, seeds, out, args.jobs), "zero_pad", shares)
+        report("SST-2, mixed ranks 2/4/8", section("ranks", RANKED, ranked, seeds, out, args.jobs, run), "zero_pad", shares)
     if "mrpc" in sections:
         mrpc = {**sets, "data.name": "glue/mrpc", "data.path": str(glue / "MRPC"), "data.max_length": 128}
         methods = {m: METHODS[m] for m in ["fedit", *best]}
         mrpc_seeds = [int(s) for s in args.mrpc_seeds.split(",")]
-        report("MRPC, the same split", section("mrpc", methods, mrpc, mrpc_seeds, out, args.jobs), "fedit",
+        report("MRPC, the same split", section("mrpc", methods, mrpc, mrpc_seeds, out, args.jobs, run), "fedit",
                class_shares(base, mrpc))
 
 

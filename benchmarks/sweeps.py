@@ -15,15 +15,21 @@ from colora.engines import Engine
 from colora.report import Run, load_run
 
 
-def run_sweep_folder(base: Path, runs: list[dict], sets: dict, seeds: list[int], folder: Path, jobs: int) -> list[Run]:
+def run_sweep_folder(base: Path, runs: list[dict], sets: dict, seeds: list[int], folder: Path, jobs: int,
+                     run: bool = True) -> list[Run | None]:
     """Every entry of ``runs`` on top of ``base`` + ``sets``, once per seed, into ``folder``; runs
-    already finished there are kept (an interrupted benchmark resumes), ``jobs`` run at once."""
+    already finished there are kept (an interrupted benchmark resumes), ``jobs`` run at once.
+    ``run=False`` starts nothing and gives the finished runs (None for the others), after the same
+    check that their configs are this sweep's (a recorded run of an older base is refused)."""
     sweep = {"base": str(base), "set": sets, "runs": runs, "seeds": seeds}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sweep.yaml"
         path.write_text(yaml.safe_dump(sweep, sort_keys=False))
         configs = load_sweep(path)
     check_sweep(configs, folder)
+    if not run:
+        dirs = [folder / f"{i}-{name}" for i, (name, _) in enumerate(configs)]
+        return [load_run(d) if (d / "summary.json").is_file() else None for d in dirs]
     result = run_sweep(configs, folder, jobs)
     if result.failed:
         raise SystemExit(f"{len(result.failed)} run(s) failed: {'; '.join(result.failed)}")
