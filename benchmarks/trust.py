@@ -6,8 +6,11 @@
 
 Base: ``examples/sst2_noniid.yaml`` (MiniLM-L6 + LoRA r=8, 20 Dirichlet(0.5) clients, 10 a round,
 30 rounds x 10 local steps, lr 1e-3 with 3 warm-up rounds and linear decay, bf16), seeds 0, 1, 2
-(``--seeds``). Runs go through ``colora compare`` into ``--out``: an interrupted benchmark resumes
-where it stopped, and ``--jobs`` runs several at once. ``--set KEY=VALUE`` overrides every run (more
+(``--seeds``; the noise of local DP depends on them, see dp below). Runs go through ``colora
+compare`` into ``--out``, each seed its own sweep folder (``--out``/<section>/seed-<s>) run whole
+before the next: an interrupted benchmark resumes where it stopped, and ``--jobs`` runs several
+at once. ``--report-only`` prints the tables of the finished runs (``--out benchmarks/results/trust``:
+the runs recorded in the repository by ``benchmarks/record.py``). ``--set KEY=VALUE`` overrides every run (more
 rounds, another model on a GPU, ...).
 
 - attacks: clean fedavg; 20% sign-flip attackers (``clients.byzantine``) against plain fedavg and
@@ -35,7 +38,7 @@ from sweeps import class_shares, one_class, parse_sets, run_sweep_folder  # noqa
 from colora.config import build_config, read_yaml  # noqa: E402
 from colora.engines import Engine  # noqa: E402
 from colora.privacy import epsilon, local_epsilon  # noqa: E402
-from colora.report import main_metric, seed_groups  # noqa: E402
+from colora.report import main_metric  # noqa: E402
 
 BASE = ROOT / "examples" / "sst2_noniid.yaml"
 RULES = ["median", "trimmed_mean", "krum", "multi_krum", "norm_clip"]
@@ -81,37 +84,43 @@ def dp_runs(base: dict, sets: dict, seeds: list[int]) -> list[dict]:
     return runs
 
 
-def run_section(name: str, runs: list[dict], sets: dict, seeds: list[int], out: Path, jobs: int) -> list:
-    return run_sweep_folder(BASE, runs, sets, seeds, out / name, jobs)
+def run_section(name: str, runs: list[dict], sets: dict, seeds: list[int], out: Path, jobs: int, run: bool = True) -> list[list]:
+    """Each setting's runs in seed order. Seed by seed, each seed its own sweep folder
+    (``out/<section>/seed-<s>``), so a benchmark stopped part way has whole paired seeds and a later
+    call with more seeds keeps them; ``run=False`` starts nothing (unfinished runs are None)."""
+    by_seed = [run_sweep_folder(BASE, runs, sets, [seed], out / name / f"seed-{seed}", jobs, run) for seed in seeds]
+    return [[done[i] for done in by_seed] for i in range(len(runs))]
 
 
-def summarize(runs, shares: list[float]) -> list[tuple[str, float, float, list[float], int]]:
-    """(setting, mean, std, per-seed finals, seeds predicting one class) per setting."""
-    metric = main_metric(runs)
+def summarize(runs: list[dict], groups: list[list], shares: list[float]) -> list[tuple]:
+    """(setting, mean, std, per-seed finals with None where unfinished, seeds predicting one class) per
+    setting, over its finished seeds."""
+    metric = main_metric([r for g in groups for r in g if r is not None])
     rows = []
-    for group in seed_groups(runs):
-        finals = [r.summary["final"][metric] for r in group]
-        label = describe(group[0].config)
-        rows.append((label, statistics.fmean(finals), statistics.stdev(finals) if len(finals) > 1 else 0.0, finals,
-                     sum(one_class(v, shares) for v in finals)))
+    for over, group in zip(runs, groups):
+        finals = [r.summary["final"][metric] if r is not None else None for r in group]
+        have = [v for v in finals if v is not None]
+        rows.append((describe(over), statistics.fmean(have) if have else float("nan"),
+                     statistics.stdev(have) if len(have) > 1 else 0.0, finals, sum(one_class(v, shares) for v in have)))
     return rows
 
 
-def describe(config: dict) -> str:
-    """A setting's short name from its config: attack and robust rule, or DP mode, epsilon and noise."""
-    privacy, fed, byz = config.get("privacy", {}), config.get("federation", {}), config.get("clients", {}).get("byzantine", {})
-    if privacy.get("mode", "none") != "none":
-        return f"{privacy['mode']} DP, epsilon {privacy['target_epsilon']:g} (noise {privacy['noise_multiplier']:g})"
-    attack = f"{byz['fraction']:.0%} {byz['attack']}" if byz.get("fraction") else "clean"
-    return f"{attack}, {fed.get('robust', 'none') if fed.get('robust', 'none') != 'none' else 'plain fedavg'}"
+def describe(over: dict) -> str:
+    """A setting's short name from its overrides: attack and robust rule, or DP mode, epsilon and noise."""
+    if over.get("privacy.mode", "none") != "none":
+        return f"{over['privacy.mode']} DP, epsilon {over['privacy.target_epsilon']:g} (noise {over['privacy.noise_multiplier']:g})"
+    attack = f"{over['clients.byzantine.fraction']:.0%} {over['clients.byzantine.attack']}" if over.get("clients.byzantine.fraction") else "clean"
+    return f"{attack}, {over.get('federation.robust', 'plain fedavg')}"
 
 
 def table(title: str, rows, reference: float | None = None) -> None:
     print(f"\n{title}")
     print(f"{'setting':<60} {'accuracy mean ± std':>20} {'per seed':>26} {'vs first':>9} {'one class':>9}")
     for label, mean, std, finals, majority in rows:
-        delta = "" if reference is None else f"{100 * (mean - reference):+.1f}"
-        print(f"{label:<60} {mean:>12.4f} ± {std:.4f} {' '.join(f'{v:.3f}' for v in finals):>26} {delta:>9} {majority:>9}")
+        delta = "" if reference is None else "-" if mean != mean or reference != reference else f"{100 * (mean - reference):+.1f}"
+        done = sum(v is not None for v in finals)
+        print(f"{label:<60} {mean:>12.4f} ± {std:.4f} {' '.join('-' if v is None else f'{v:.3f}' for v in finals):>26} "
+              f"{delta:>9} {majority:>6}/{done}")
 
 
 def main() -> None:
@@ -123,21 +132,26 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="tiny-bert, 2 rounds: checks the pipeline, not the method")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--report-only", action="store_true",
+                   help="start nothing: print the tables of the runs already finished in --out (e.g. benchmarks/results/trust)")
     args = p.parse_args()
+    run = not args.report_only
     sets = {"data.path": str(Path(args.data).resolve()), "log.progress": False, **(QUICK if args.quick else {}), **parse_sets(args.sets)}
     seeds, out = [int(s) for s in args.seeds.split(",")], Path(args.out)
     base = read_yaml(BASE, "base config")
     shares = class_shares(base, sets)
     if args.section in ("attacks", "all"):
-        rows = summarize(run_section("attacks", attack_runs(), sets, seeds, out, args.jobs), shares)
+        runs = attack_runs()
+        rows = summarize(runs, run_section("attacks", runs, sets, seeds, out, args.jobs, run), shares)
         clean = rows[0][1]
-        table("attacks: final dev accuracy, 20% sign-flip attackers (3 seeds)", rows, clean)
+        table(f"attacks: final dev accuracy, 20% sign-flip attackers ({len(seeds)} seeds; means over the finished ones)", rows, clean)
         plain = rows[1][1]
-        best = max((m for _, m, *_ in rows[2:2 + len(RULES)]), default=float("nan"))
+        best = max((m for _, m, *_ in rows[2:2 + len(RULES)] if m == m), default=float("nan"))  # m == m: finished
         print(f"\nplain fedavg under attack: {100 * (plain - clean):+.1f} points against clean fedavg (target: below -10); "
               f"the best robust rule under attack: {100 * (best - clean):+.1f} points (target: within -3)")
     if args.section in ("dp", "all"):
-        rows = summarize(run_section("dp", dp_runs(base, sets, seeds), sets, seeds, out, args.jobs), shares)
+        runs = dp_runs(base, sets, seeds)
+        rows = summarize(runs, run_section("dp", runs, sets, seeds, out, args.jobs, run), shares)
         table("differential privacy: final dev accuracy at epsilon (delta 1e-5)", rows, rows[0][1])
 
 
