@@ -95,6 +95,14 @@ def upload_per_client_round(run) -> str:
     return f"{run.summary['bytes_up'] / (rounds * per_round):,.0f}" if run.summary.get("bytes_up") and rounds and per_round else "-"
 
 
+def client_slices(run, metric: str) -> tuple[float | None, float | None]:
+    """Mean and worst client on the clients' own held-out slices (eval.client_holdout) at the last
+    evaluation: FedSA-LoRA's personal models are scored here, every other method's global model too."""
+    name = metric.split("/", 1)[1]
+    last = run.metrics[-1]
+    return last.get(f"eval_clients/mean_{name}"), last.get(f"eval_clients/min_{name}")
+
+
 def report(title: str, groups: dict[str, list], baseline: str, shares: list[float], reference: str | None = None) -> list[str]:
     """Print one table over the finished runs (an unfinished one shows as "-" and leaves its seed out
     of every paired number); return the methods (baseline and reference left out) best first by mean."""
@@ -104,27 +112,31 @@ def report(title: str, groups: dict[str, list], baseline: str, shares: list[floa
         return []
     metric = main_metric(done)
     final = {m: [r.summary["final"][metric] if r is not None else None for r in g] for m, g in groups.items()}
-    loss = {m: [r.summary["final"].get("eval/loss") for r in g if r is not None] for m, g in groups.items()}
     base, ref = final[baseline], final.get(reference) if reference else None
-    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
-    print(f"\n{title} ({metric}, final; paired differences in points against {baseline}, over the seeds both finished)")
+    mean = lambda xs: statistics.fmean(xs) if xs else None  # noqa: E731
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    print(f"\n{title} ({metric}, final; paired differences in points against {baseline}, over the seeds both finished;"
+          f" client slices: mean and worst client on their own held-out data)")
     print(f"{'method':<14} {'mean ± std':>16} {'per seed':>36} {'paired diff per seed':>36} {'mean diff':>9} {'one class':>9}"
-          f" {'dev loss':>8} {'up B/client-round':>17}" + (f" {'gap closed':>10}" if ref else ""))
+          f" {'dev loss':>8} {'clients mean':>12} {'worst':>6} {'up B/client-round':>17}" + (f" {'gap closed':>10}" if ref else ""))
     for m, vals in final.items():
+        runs = [r for r in groups[m] if r is not None]
         have = [v for v in vals if v is not None]
         diffs = [100 * (v - b) if v is not None and b is not None else None for v, b in zip(vals, base)]
-        paired = [d for d in diffs if d is not None]
+        slices = [client_slices(r, metric) for r in runs]
         std = statistics.stdev(have) if len(have) > 1 else 0.0
-        first = next((r for r in groups[m] if r is not None), None)
-        line = (f"{m:<14} {mean(have):>8.4f} ± {std:.4f} {' '.join('-' if v is None else f'{v:.3f}' for v in vals):>36} "
-                f"{' '.join('-' if d is None else f'{d:+.1f}' for d in diffs):>36} {mean(paired):>+9.2f} "
-                f"{sum(one_class(v, shares) for v in have):>4}/{len(have)} {mean(loss[m]):>8.3f} "
-                f"{upload_per_client_round(first) if first else '-':>17}")
+        line = (f"{m:<14} {fmt(mean(have), '.4f'):>8} ± {std:.4f} {' '.join(fmt(v, '.3f') for v in vals):>36} "
+                f"{' '.join(fmt(d, '+.1f') for d in diffs):>36} {fmt(mean([d for d in diffs if d is not None]), '+.2f'):>9} "
+                f"{sum(one_class(v, shares) for v in have):>4}/{len(have)} "
+                f"{fmt(mean([r.summary['final']['eval/loss'] for r in runs if 'eval/loss' in r.summary['final']]), '.3f'):>8} "
+                f"{fmt(mean([c for c, _ in slices if c is not None]), '.3f'):>12} "
+                f"{fmt(min([w for _, w in slices if w is not None], default=None), '.3f'):>6} "
+                f"{upload_per_client_round(runs[0]) if runs else '-':>17}")
         if ref:
             # the share of the baseline's gap to the reference a method closes, on the seeds all three finished
             trio = [(v, b, c) for v, b, c in zip(vals, base, ref) if None not in (v, b, c)]
-            gap = mean([c for _, _, c in trio]) - mean([b for _, b, _ in trio])
-            line += f" {(mean([v for v, _, _ in trio]) - mean([b for _, b, _ in trio])) / gap:>10.2f}" if trio and gap > 0 else f" {'-':>10}"
+            gap = mean([c for _, _, c in trio]) - mean([b for _, b, _ in trio]) if trio else 0.0
+            line += f" {(mean([v for v, _, _ in trio]) - mean([b for _, b, _ in trio])) / gap:>10.2f}" if gap > 0 else f" {'-':>10}"
         print(line)
     ranked = [m for m in final if m not in (baseline, reference) and any(v is not None for v in final[m])]
     return sorted(ranked, key=lambda m: -mean([v for v in final[m] if v is not None]))
