@@ -197,6 +197,20 @@ def test_ray_actors_spread_over_both_nodes_and_a_killed_actor_changes_nothing(ra
     assert "colora: ray worker 1 (a Ray actor) died" in capsys.readouterr().out
 
 
+def test_ray_with_fewer_cpus_than_workers_says_so_and_frees_the_cluster(ray_cluster, monkeypatch):
+    from colora.engines import ray_engine
+
+    monkeypatch.setattr(ray_engine, "_START_TIMEOUT_S", 5.0)  # the autoscaler's grace, shortened for the test
+    case = "fedavg-svd-mixed-pooler"
+    with pytest.raises(ColoraError, match=r"of 3 actors did not start within 5 s") as err, \
+            Engine(_cfg(case, kind="ray", workers=3, address=ray_cluster.address)) as eng:
+        eng.algorithm.run_round(1)
+    assert "the cluster has 2 for 3" in str(err.value)
+    with Engine(_cfg(case, kind="ray", workers=2, address=ray_cluster.address)) as eng:  # both CPUs free again
+        eng.algorithm.run_round(1)
+        assert eng.executor.dispatcher.restarts == 0
+
+
 def test_unreachable_ray_address_exits_2(tmp_path, capsys):
     err = cli_error(tmp_path, capsys, tiny_raw()[0], ["engine.kind=ray", "engine.address=127.0.0.1:9"])
     assert "cannot connect to a Ray cluster" in err

@@ -26,7 +26,11 @@ from ..config import ColoraError, Config
 from .dispatch import Dispatcher, PoolExecutor, handle
 from .workers import build_runtime, worker_init
 
-_START_TIMEOUT_S = 300.0  # actors that cannot be placed (too few CPUs in the cluster) fail after this
+# How long actors may take to start. When the cluster has fewer CPUs than actors, the rest can start
+# only if an autoscaler adds nodes: 300 s, then one line. When the CPUs are there, a start is slow only
+# because the machine is busy (each actor imports torch and maps the base): wait six times longer.
+_START_TIMEOUT_S = 300.0
+_SLOW_START_FACTOR = 6
 
 
 def require_ray():
@@ -83,14 +87,21 @@ class _Actors:
         self.actors = [self.remote.remote(init, base_ref) for _ in range(size)]
         self.refs: dict[int, object] = {}
         self.node_ids: list[str] = [""] * size  # the node each actor runs on
-        self._ready(list(range(size)))
+        try:
+            self._ready(list(range(size)))
+        except ColoraError:  # the actors that did start would hold their CPUs for as long as the driver lives
+            self.close()
+            raise
 
     def _ready(self, workers: list[int]) -> None:
+        cpus = float(self.ray.cluster_resources().get("CPU", 0))
+        timeout = _START_TIMEOUT_S * (1 if cpus < self.size else _SLOW_START_FACTOR)
         pings = [self.actors[w].ping.remote() for w in workers]
-        done, pending = self.ray.wait(pings, num_returns=len(pings), timeout=_START_TIMEOUT_S)
+        done, pending = self.ray.wait(pings, num_returns=len(pings), timeout=timeout)
         if pending:
             raise ColoraError(f"engine.kind=ray: {len(pending)} of {len(pings)} actors did not start within "
-                              f"{_START_TIMEOUT_S:.0f} s (each needs 1 CPU); use fewer engine.workers or a larger cluster")
+                              f"{timeout:.0f} s (each needs 1 CPU; the cluster has {cpus:g} for {self.size}); "
+                              "use fewer engine.workers or a larger cluster")
         try:
             for w, node in zip(workers, self.ray.get(pings)):
                 self.node_ids[w] = node
