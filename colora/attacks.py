@@ -4,7 +4,7 @@ Who attacks is drawn once from the run's seed (:func:`attackers`) and listed in 
 attacker trains like any client and then tampers with what it sends (:func:`tamper`), in parameter
 space, relative to the adapter it was sent (``u = trained - sent``):
 
-- ``sign_flip``: sends ``sent - u`` (the update reversed);
+- ``sign_flip``: sends ``sent - flip_scale * u`` (the update reversed, and boosted when ``flip_scale > 1``);
 - ``scaled``: sends ``sent + scale * u`` (a boosted update, as in model replacement);
 - ``gaussian``: sends ``sent + n``, ``n ~ N(0, noise_std^2)`` per entry from a generator of
   (seed, round, client), so a rerun draws the same noise;
@@ -40,7 +40,7 @@ def noise_generator(seed: int, rnd: int, client: int) -> torch.Generator:
 def tamper(cfg: ByzantineConfig, trained: AdapterState, sent: AdapterState, gen: torch.Generator) -> AdapterState:
     """What an attacker sends instead of ``trained`` (see the module docstring)."""
     if cfg.attack == "sign_flip":
-        return {k: sent[k] - (trained[k] - sent[k]) for k in trained}
+        return {k: sent[k] - cfg.flip_scale * (trained[k] - sent[k]) for k in trained}
     if cfg.attack == "scaled":
         return {k: sent[k] + cfg.scale * (trained[k] - sent[k]) for k in trained}
     if cfg.attack == "gaussian":

@@ -213,10 +213,14 @@ class ByzantineConfig(_Strict):
     fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """Share of clients that attack: round(fraction x clients.num) of them, drawn from the run's seed."""
     attack: Literal["sign_flip", "gaussian", "scaled", "label_flip"] = "sign_flip"
-    """``sign_flip``: send sent - (trained - sent); ``gaussian``: send sent + N(0, noise_std^2) per entry;
-    ``scaled``: send sent + scale x (trained - sent); ``label_flip``: train on flipped labels (class c -> C-1-c)."""
+    """``sign_flip``: send sent - flip_scale x (trained - sent); ``gaussian``: send sent + N(0, noise_std^2) per
+    entry; ``scaled``: send sent + scale x (trained - sent); ``label_flip``: train on flipped labels (class c -> C-1-c)."""
     scale: float = Field(10.0, gt=0)
     """``scaled``: the factor an attacker multiplies its update by."""
+    flip_scale: float = Field(1.0, gt=0)
+    """``sign_flip``: how far the update is sent reversed. 1 reverses it, which at a fraction f of a round's
+    clients only shrinks the mean update to (1 - 2f) of the honest one; (1 - f) / f cancels it in
+    expectation (4 at f = 0.2), larger values turn it around."""
     noise_std: float = Field(1.0, gt=0)
     """``gaussian``: the standard deviation of the noise an attacker sends as its update."""
 

@@ -32,6 +32,8 @@ def test_each_attack_sends_what_it_says():
     trained = {"a": torch.full((3, 4), 1.5), "b": torch.full((4,), -0.25)}
     flip = tamper(ByzantineConfig(attack="sign_flip"), trained, sent, noise_generator(0, 1, 2))
     assert torch.equal(flip["a"], torch.full((3, 4), 0.5)) and torch.equal(flip["b"], torch.full((4,), 0.25))
+    flip4 = tamper(ByzantineConfig(attack="sign_flip", flip_scale=4.0), trained, sent, noise_generator(0, 1, 2))
+    assert torch.equal(flip4["a"], torch.full((3, 4), -1.0)) and torch.equal(flip4["b"], torch.full((4,), 1.0))
     boost = tamper(ByzantineConfig(attack="scaled", scale=4.0), trained, sent, noise_generator(0, 1, 2))
     assert torch.equal(boost["a"], torch.full((3, 4), 3.0)) and torch.equal(boost["b"], torch.full((4,), -1.0))
     noise = [tamper(ByzantineConfig(attack="gaussian", noise_std=2.0), trained, sent, noise_generator(0, 1, 2)) for _ in range(2)]
