@@ -28,7 +28,8 @@ from .workers import build_runtime, worker_init
 
 # How long actors may take to start. When the cluster has fewer CPUs than actors, the rest can start
 # only if an autoscaler adds nodes: 300 s, then one line. When the CPUs are there, a start is slow only
-# because the machine is busy (each actor imports torch and maps the base): wait six times longer.
+# because the machine is busy (each actor imports torch and maps the base, and Ray runs its workers at
+# nice 15, so any process at normal priority starves them): wait six times longer.
 _START_TIMEOUT_S = 300.0
 _SLOW_START_FACTOR = 6
 
