@@ -117,7 +117,9 @@ def describe(over: dict) -> str:
         return f"{over['privacy.mode']} DP, epsilon {over['privacy.target_epsilon']:g} (noise {over['privacy.noise_multiplier']:g})"
     attack = "clean"
     if over.get("clients.byzantine.fraction"):
-        attack = f"{over['clients.byzantine.fraction']:.0%} {over['clients.byzantine.attack']} x{over.get('clients.byzantine.flip_scale', 1):g}"
+        attack = f"{over['clients.byzantine.fraction']:.0%} {over['clients.byzantine.attack']}"
+        if over["clients.byzantine.attack"] == "sign_flip":  # flip_scale means nothing to the other attacks
+            attack += f" x{over.get('clients.byzantine.flip_scale', 1):g}"
     return f"{attack}, {over.get('federation.robust', 'plain fedavg')}"
 
 
