@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from colora.algorithms.base import attackers_over_tolerance, sample_clients
 from colora.attacks import attackers, noise_generator, tamper
 from colora.config import ByzantineConfig, ColoraError, ConfigError
 from colora.engines import Engine
@@ -83,3 +84,29 @@ def test_attacks_outside_fedavg_and_declora_and_label_flip_without_classes_are_r
     with pytest.raises(ColoraError, match="label_flip needs a classification task"):
         Engine(tiny_config(model__name="tiny-gpt2", model__task="causal-lm", clients__byzantine={"fraction": 0.2, "attack": "label_flip"},
                            **SMALL))
+
+
+def test_rounds_with_more_attackers_than_the_rule_withstands_are_named_before_training(capsys):
+    """Sampling is a pure function of (seed, round): the rounds whose sampled attackers outnumber
+    Krum's f (or the trimmed mean's cut, or the median's minority) are counted, and said at start."""
+    over = dict(rounds=12, clients__num=10, clients__per_round=5, clients__byzantine={"fraction": 0.4})
+    bad = attackers(0, 10, 0.4)
+    counts = [len(set(bad) & set(sample_clients(0, r, 10, 5))) for r in range(1, 13)]
+    for robust, extra, tolerated in [("multi_krum", {"federation__robust_f": 0}, 0), ("krum", {"federation__robust_f": 0}, 0),
+                                     ("trimmed_mean", {"federation__trim_fraction": 0.2}, 1), ("median", {}, 2)]:
+        cfg = tiny_config(federation__robust=robust, **extra, **over)
+        over_rounds = [c for c in counts if c > tolerated]
+        note = attackers_over_tolerance(cfg, set(bad))
+        if over_rounds:
+            assert note == (f"colora: federation.robust={robust} withstands {tolerated} attacker(s) a round of 5; the attackers "
+                            f"({', '.join(map(str, bad))}) outnumber that in {len(over_rounds)} of 12 rounds (up to "
+                            f"{max(over_rounds)} at once), where their updates can get through")
+        else:
+            assert note is None
+    assert any(c > 1 for c in counts) and any(c > 2 for c in counts)  # the cases above say something
+    for robust in ("none", "norm_clip"):  # no count bounds these rules
+        assert attackers_over_tolerance(tiny_config(federation__robust=robust, **over), set(bad)) is None
+    assert attackers_over_tolerance(tiny_config(federation__robust="median", **over), set()) is None
+    with Engine(tiny_config(federation__robust="multi_krum", federation__robust_f=0, **{**over, **SMALL, "clients__num": 10})):
+        pass
+    assert "federation.robust=multi_krum withstands 0 attacker(s)" in capsys.readouterr().out

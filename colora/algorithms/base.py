@@ -162,6 +162,31 @@ def sample_clients(seed: int, rnd: int, num: int, per_round: int) -> list[int]:
     return sorted(int(k) for k in rng.choice(num, size=per_round, replace=False))
 
 
+def tolerated_attackers(cfg: Config) -> int | None:
+    """How many attackers in one fedavg round ``federation.robust`` is built to withstand: Krum's f,
+    the trimmed mean's cut per side, the median's minority; None where no count bounds the rule."""
+    fed, k = cfg.federation, cfg.clients.per_round
+    return {"krum": fed.robust_f, "multi_krum": fed.robust_f, "trimmed_mean": math.floor(fed.trim_fraction * k),
+            "median": (k - 1) // 2}.get(fed.robust)
+
+
+def attackers_over_tolerance(cfg: Config, attacking: set[int]) -> str | None:
+    """One line when the simulated attackers sampled in some round outnumber what the robust rule
+    tolerates (tolerated_attackers), else None. Sampling is a pure function of (seed, round), so the
+    rounds are known before training; there the rule lets attackers through by construction."""
+    tolerated = tolerated_attackers(cfg)
+    if not attacking or tolerated is None:
+        return None
+    counts = [len(attacking.intersection(sample_clients(cfg.seed, r, cfg.clients.num, cfg.clients.per_round)))
+              for r in range(1, cfg.rounds + 1)]
+    over = [c for c in counts if c > tolerated]
+    if not over:
+        return None
+    return (f"colora: federation.robust={cfg.federation.robust} withstands {tolerated} attacker(s) a round of "
+            f"{cfg.clients.per_round}; the attackers ({', '.join(map(str, sorted(attacking)))}) outnumber that in "
+            f"{len(over)} of {cfg.rounds} rounds (up to {max(over)} at once), where their updates can get through")
+
+
 def screen_round(rnd: int, results: list[ClientResult], sent: dict[int, AdapterState], max_norm
                  ) -> tuple[list[ClientResult], list[tuple[int, str]]]:
     """The round's acceptable updates (colora.validation.screen), each rejection logged with its

@@ -14,6 +14,7 @@ global and refuse mixed ranks), so each payload, down and up, is the size of tha
 from __future__ import annotations
 
 import numpy as np
+from tqdm import tqdm
 
 from ..aggregation import server_step
 from ..aggregation.fedit import weighted_mean
@@ -24,7 +25,7 @@ from ..privacy import noise_generator as dp_noise
 from ..schedule import lr_at
 from ..states import lora_rank, payload_nbytes
 from ..types import ClientTask, RoundResult, SecureSum
-from .base import Algorithm, sample_clients, screen_round
+from .base import Algorithm, attackers_over_tolerance, sample_clients, screen_round
 from .drift import PersonalB, Scaffold, frozen_keys, home_keys, nbytes, sent_keys
 from .server import AdapterServer
 
@@ -49,6 +50,9 @@ class FedAvg(Algorithm):
         self.scaffold = Scaffold(self.cfg, self.server.state) if self.cfg.train.correction == "scaffold" else None
         fedsa = self.cfg.federation.lora_mode == "fedsa"
         self.personal = PersonalB(self.server.state, ctx.client_sizes) if fedsa else None
+        note = attackers_over_tolerance(self.cfg, self.attackers)
+        if note:  # a simulated experiment may mean to exceed it: said, not refused
+            tqdm.write(note)
 
     def run_round(self, rnd: int) -> RoundResult:
         cfg, server = self.cfg, self.server
