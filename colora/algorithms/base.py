@@ -173,7 +173,7 @@ def tolerated_attackers(cfg: Config) -> int | None:
 def attackers_over_tolerance(cfg: Config, attacking: set[int]) -> str | None:
     """One line when the simulated attackers sampled in some round outnumber what the robust rule
     tolerates (tolerated_attackers), else None. Sampling is a pure function of (seed, round), so the
-    rounds are known before training; there the rule lets attackers through by construction."""
+    rounds are known before training; in those rounds the rule's guarantee does not hold."""
     tolerated = tolerated_attackers(cfg)
     if not attacking or tolerated is None:
         return None
